@@ -1,0 +1,126 @@
+"""Run records: `<root>/runs/<run_id>/run.json` maps each stage to its artifact and status.
+
+A run is the user's handle on one pass of the pipeline: `r1flow inspect RUN/STAGE` resolves an
+artifact through it, `r1flow stage NAME --run RUN` reruns one stage of it, and `r1flow runs`
+lists them. The record is rewritten atomically after every stage transition.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from artifacts.store import ArtifactError, atomic_write_text, default_root
+
+STAGE_STATUSES = ("pending", "running", "ran", "cached", "stale", "failed")
+RUN_FILE = "run.json"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """Sortable and unique enough for one user's runs: `20261122-051230-3fa9`."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+@dataclass
+class StageEntry:
+    status: str = "pending"
+    path: str | None = None
+    cache_key: str | None = None
+    content_hash: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    created: str
+    status: str  # running | succeeded | failed
+    preset: str | None
+    config: dict[str, Any]
+    stages: dict[str, StageEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "RunRecord":
+        try:
+            stages = {k: StageEntry(**v) for k, v in data["stages"].items()}
+            return cls(
+                run_id=data["run_id"], created=data["created"], status=data["status"],
+                preset=data.get("preset"), config=data.get("config", {}), stages=stages,
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"{where}: malformed run record ({e!r})") from e
+
+    def mark_stale_after(self, stage: str, order: Iterable[str]) -> list[str]:
+        """Mark every stage after `stage` that has an artifact as stale; return their names."""
+        order = list(order)
+        stale = []
+        for name in order[order.index(stage) + 1:]:
+            entry = self.stages.get(name)
+            if entry is not None and entry.status in ("ran", "cached"):
+                entry.status = "stale"
+                stale.append(name)
+        return stale
+
+
+class RunStore:
+    """Run records under `<root>/runs`."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        self.dir = self.root / "runs"
+
+    def create(self, config: dict[str, Any], stages: Iterable[str], preset: str | None = None,
+               run_id: str | None = None) -> RunRecord:
+        record = RunRecord(
+            run_id=run_id or new_run_id(), created=now_iso(), status="running", preset=preset,
+            config=config, stages={s: StageEntry() for s in stages},
+        )
+        self.save(record)
+        return record
+
+    def path(self, run_id: str) -> Path:
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ArtifactError(f"invalid run id {run_id!r}")
+        return self.dir / run_id / RUN_FILE
+
+    def exists(self, run_id: str) -> bool:
+        return self.path(run_id).is_file()
+
+    def load(self, run_id: str) -> RunRecord:
+        path = self.path(run_id)
+        if not path.is_file():
+            known = ", ".join(r.run_id for r in self.list()[-5:]) or "none"
+            raise ArtifactError(f"no run {run_id!r} under {self.dir} (recent runs: {known})")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{path}: run record is not valid JSON ({e})") from e
+        return RunRecord.from_dict(data, where=str(path))
+
+    def save(self, record: RunRecord) -> None:
+        path = self.path(record.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record.to_dict(), indent=2, default=str))
+
+    def list(self) -> list[RunRecord]:
+        records = []
+        for path in sorted(self.dir.glob(f"*/{RUN_FILE}")):
+            try:
+                records.append(RunRecord.from_dict(json.loads(path.read_text()), where=str(path)))
+            except (ArtifactError, json.JSONDecodeError):
+                continue  # a broken record is reported by `load`, not by listing
+        return sorted(records, key=lambda r: (r.created, r.run_id))

@@ -1,0 +1,167 @@
+"""`r1flow`: the user's verbs (DESIGN.md, "The user's verbs").
+
+    r1flow run [--preset tiny] [--config FILE] [--set stage.key=value ...]
+    r1flow stage NAME --run RUN_ID [--force] [--set ...]
+    r1flow inspect RUN_ID/STAGE[/FILE] | PATH [--rows N] [--columns ...] [--where ...] [--json]
+    r1flow runs [--json]
+    r1flow report RUN_ID
+    r1flow schedule distill --teacher RUN_ID --student NAME [--student ...] --cron "..."
+    r1flow serve
+    r1flow generate --model SOURCE --prompt TEXT
+
+Every verb takes `--root DIR` (default `$R1FLOW_ROOT` or ./r1flow-data). Errors the user can fix
+(bad config, missing artifact, bad input file) print one clear message and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from artifacts import ArtifactError
+from artifacts.store import default_root
+from pipeline.config import STAGES, ConfigError
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=Path, default=None,
+                   help="where runs and artifacts live (default: $R1FLOW_ROOT or ./r1flow-data)")
+
+
+def _add_config(p: argparse.ArgumentParser, preset_default: str | None) -> None:
+    p.add_argument("--preset", default=preset_default, help="shipped preset: tiny (default), micro, smollm2-135m")
+    p.add_argument("--config", type=Path, default=None, help="TOML/JSON file merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one setting, e.g. --set sft.lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r1flow",
+        description="The DeepSeek-R1 recipe as a pipeline: "
+        + " -> ".join(STAGES),
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("run", help="run the full flow (every stage; cached stages are reused)")
+    _add_config(p, "tiny")
+    _add_root(p)
+    p.add_argument("--run-id", default=None, help="name the run (default: a timestamp id)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: run id and per-stage map")
+
+    p = sub.add_parser("stage", help="rerun one stage of an existing run, reusing its upstream")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--run", dest="run_id", required=True, help="the run whose stage to rerun")
+    p.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    _add_root(p)
+
+    p = sub.add_parser("inspect", help="look at a dataset: schema, stats, first rows")
+    p.add_argument("target", help="RUN_ID/STAGE[/DATASET], an artifact directory, or a .parquet file")
+    p.add_argument("--rows", type=int, default=5, help="how many rows to show (default 5)")
+    p.add_argument("--columns", nargs="+", default=None, help="only these columns")
+    p.add_argument("--where", action="append", default=None, metavar="'COL OP VALUE'",
+                   help="filter rows, op one of == != > >= < <= ~ (substring); repeat to AND")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_root(p)
+
+    p = sub.add_parser("runs", help="list runs with their stages' status and headline metrics")
+    p.add_argument("--json", action="store_true")
+    _add_root(p)
+
+    p = sub.add_parser("report", help="write a Markdown report with plots for a run")
+    p.add_argument("run_id")
+    p.add_argument("--out", type=Path, default=None, help="directory (default: the run's report/)")
+    _add_root(p)
+
+    p = sub.add_parser("schedule", help="schedule distillation jobs on a Prefect server")
+    sp = p.add_subparsers(dest="what", required=True)
+    d = sp.add_parser("distill", help="a cron-scheduled deployment of the distill flow")
+    d.add_argument("--teacher", required=True, help="run id whose rejection-sampled data teaches")
+    d.add_argument("--student", action="append", required=True, help="student preset name (repeatable)")
+    d.add_argument("--cron", required=True, help='cron string, e.g. "0 3 * * *"')
+    d.add_argument("--name", default=None, help="deployment name")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    _add_root(d)
+
+    p = sub.add_parser("serve", help="serve scheduled deployments (needs a Prefect server)")
+    p.add_argument("--limit", type=int, default=None, help="exit after this many runs (testing)")
+    _add_root(p)
+
+    p = sub.add_parser("generate", help="sample from any model r1flow can load")
+    p.add_argument("--model", required=True, help="a checkpoint dir, RUN_ID/STAGE, a .gguf path, or a preset")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat / R1 template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--json", action="store_true")
+    _add_root(p)
+    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect import inspect_dataset, render, resolve
+
+    info = inspect_dataset(resolve(args.target, args.root), rows=args.rows, columns=args.columns, where=args.where)
+    print(json.dumps(info, default=str, ensure_ascii=False) if args.json else render(info))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.runs_view import list_runs
+
+    print(list_runs(args.root, as_json=args.json))
+    return 0
+
+
+def _dispatch(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                print(f"r1flow {args.verb}: not available in this version yet", file=sys.stderr)
+                return 2
+            raise
+        return getattr(mod, func)(args)
+
+    return call
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _dispatch("pipeline.commands", "cmd_run"),
+    "stage": _dispatch("pipeline.commands", "cmd_stage"),
+    "inspect": cmd_inspect,
+    "runs": cmd_runs,
+    "report": _dispatch("pipeline.report", "cmd_report"),
+    "schedule": _dispatch("pipeline.schedule", "cmd_schedule"),
+    "serve": _dispatch("pipeline.schedule", "cmd_serve"),
+    "generate": _dispatch("pipeline.generate", "cmd_generate"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "root", None) is None:
+        args.root = default_root()
+    try:
+        return COMMANDS[args.verb](args)
+    except (ConfigError, ArtifactError) as e:
+        print(f"r1flow {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"r1flow {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

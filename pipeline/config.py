@@ -1,0 +1,196 @@
+"""The run config: one typed config per stage, composed, validated before any work.
+
+Each stage module owns its `Config` (a pydantic model with `extra="forbid"`): that class is the
+single source of truth for the stage's knobs and defaults. A run config is a preset file (TOML,
+shipped under `pipeline/presets/`) or a user's TOML/JSON file, plus `--set stage.key=value`
+overrides, validated section by section. Unknown stages, unknown keys and bad values are errors
+that name the offending key.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+STAGES: tuple[str, ...] = (
+    "problems", "base", "rl_zero", "cold_start", "sft", "rl_reasoning",
+    "rejection_sampling", "distill", "evaluate",
+)
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the problem."""
+
+
+class StageUnavailable(ConfigError):
+    """A stage of the recipe that this build of r1flow does not implement."""
+
+
+class RunSettings(BaseModel):
+    """Settings shared by every stage of a run (the `[run]` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    run: RunSettings
+    stages: dict[str, BaseModel]
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.run.model_dump(mode="json")}
+        out.update({name: cfg.model_dump(mode="json") for name, cfg in self.stages.items()})
+        return out
+
+    def stage(self, name: str) -> BaseModel:
+        if name not in self.stages:
+            raise StageUnavailable(f"stage {name!r} is not configured in this run")
+        return self.stages[name]
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module implementing a stage; StageUnavailable if this build has none."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
+    try:
+        return importlib.import_module(f"stages.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"stages.{name}":
+            raise StageUnavailable(f"stage {name!r} is not implemented in this version of r1flow") from e
+        raise
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is malformed: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of stage sections")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(preset: str | None = "tiny", file: Path | str | None = None) -> dict[str, Any]:
+    """The preset's sections, with a user file's sections merged over them."""
+    raw: dict[str, Any] = {}
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available_presets())}")
+        raw = _read_file(path)
+    if file is not None:
+        raw = _merge(raw, _read_file(Path(file)))
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: any TOML literal (1e-4, true, [1, 2], "x"); otherwise the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `stage.key=value` (or `stage.key.sub=value`) overrides to a raw config."""
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected stage.key=value")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected stage.key=value, e.g. sft.lr=1e-4")
+        section, *path, key = parts
+        if section != "run" and section not in STAGES:
+            raise ConfigError(f"--set {item!r}: unknown stage {section!r}; the stages are: run, {', '.join(STAGES)}")
+        node = raw.setdefault(section, {})
+        for p in path:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a table")
+        node[key] = parse_value(value.strip())
+    return raw
+
+
+def _format_validation(section: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (section, *e["loc"]))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        else:
+            got = e.get("input")
+            lines.append(f"{loc}: {e['msg']} (got {got!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate(raw: dict[str, Any], stages: tuple[str, ...] | None = None, preset: str | None = None) -> RunConfig:
+    """Validate a raw config into typed per-stage configs.
+
+    Args:
+        raw: sections keyed by stage name, plus an optional `run` section.
+        stages: the stages that must be available (default: every stage in `raw` and STAGES);
+            a listed stage without a section gets its Config's defaults.
+    """
+    unknown = [k for k in raw if k != "run" and k not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; the sections are: run, {', '.join(STAGES)}")
+    try:
+        run = RunSettings(**raw.get("run", {}))
+    except ValidationError as e:
+        raise ConfigError(_format_validation("run", e)) from e
+    wanted = stages if stages is not None else STAGES
+    configs: dict[str, BaseModel] = {}
+    for name in STAGES:
+        if name not in wanted:
+            continue
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a table of settings, got {type(section).__name__}")
+        cls = stage_module(name).Config
+        try:
+            configs[name] = cls(**section)
+        except ValidationError as e:
+            raise ConfigError(_format_validation(name, e)) from e
+    return RunConfig(run=run, stages=configs, preset=preset)
+
+
+def load_config(
+    preset: str | None = "tiny",
+    file: Path | str | None = None,
+    overrides: list[str] | None = None,
+    stages: tuple[str, ...] | None = None,
+) -> RunConfig:
+    """Preset + file + overrides -> validated RunConfig (the one entry point the CLI uses)."""
+    raw = apply_overrides(load_raw(preset, file), overrides or [])
+    return validate(raw, stages=stages, preset=preset)

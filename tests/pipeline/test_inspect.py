@@ -1,0 +1,101 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from artifacts import ArtifactStore, RunStore, write_table
+from pipeline.cli import main
+
+SCHEMA = pa.schema([("id", pa.string()), ("reward", pa.float64()), ("step", pa.int64())])
+
+
+@pytest.fixture
+def small(tmp_path):
+    p = tmp_path / "rollouts.parquet"
+    pq.write_table(pa.table({
+        "id": ["a", "b", "c", "d"],
+        "reward": [0.0, 1.0, 0.5, 1.0],
+        "step": [0, 0, 1, 1],
+    }), p)
+    return p
+
+
+def test_inspect_text_shows_schema_stats_and_rows(small, capsys):
+    assert main(["inspect", str(small), "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 4" in out
+    assert "reward" in out and "double" in out
+    lines = out.splitlines()
+    reward_line = next(line for line in lines if line.startswith("reward"))
+    assert "0.0" in reward_line and "1.0" in reward_line  # min and max from the footer
+    assert any(line.startswith("a ") for line in lines) and not any(line.startswith("c ") for line in lines)
+
+
+def test_inspect_json_columns_where(small, capsys):
+    assert main(["inspect", str(small), "--json", "--columns", "id", "--where", "reward >= 1", "--rows", "10"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 4 and info["matched"] == 2
+    assert info["head"] == [{"id": "b"}, {"id": "d"}]
+    assert info["stats"]["step"] == {"nulls": 0, "min": 0, "max": 1}
+
+
+def test_inspect_substring_and_and(small, capsys):
+    assert main(["inspect", str(small), "--json", "--where", "step == 1", "--where", "id ~ d"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)["head"]] == ["d"]
+
+
+def test_inspect_resolves_run_stage(tmp_path, capsys):
+    store = ArtifactStore(tmp_path)
+    m = store.write("rl_zero", "k" * 64, {}, {}, lambda out: write_table(
+        pa.table({"id": ["x"], "reward": [1.0], "step": [3]}), out / "rollouts.parquet", SCHEMA) or {"steps": 3},
+        code="v")
+    runs = RunStore(tmp_path)
+    rec = runs.create({}, ["rl_zero"], run_id="r9")
+    rec.stages["rl_zero"].status = "ran"
+    rec.stages["rl_zero"].path = str(store.path_for("rl_zero", m.cache_key))
+    runs.save(rec)
+    assert main(["inspect", "r9/rl_zero/rollouts", "--json", "--root", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["artifact"]["stage"] == "rl_zero" and info["artifact"]["summary"] == {"steps": 3}
+    assert info["head"] == [{"id": "x", "reward": 1.0, "step": 3}]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.parquet"], "no such file"),
+    (["{junk}"], "not a Parquet file"),
+    (["{small}", "--columns", "nope"], "no column(s) ['nope']"),
+    (["{small}", "--where", "nope > 1"], "no column 'nope'"),
+    (["{small}", "--where", "reward"], "expected 'column op value'"),
+    (["norun/sft"], "no such file, artifact directory or RUN_ID/STAGE"),
+])
+def test_inspect_bad_input_is_a_clear_error(tmp_path, small, capsys, args, message):
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    args = [a.format(junk=junk, small=small) for a in args]
+    assert main(["inspect", *args, "--root", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inspect_empty_parquet(tmp_path, capsys):
+    p = tmp_path / "empty.parquet"
+    write_table(SCHEMA.empty_table(), p, SCHEMA)
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 0" in out and "(no rows)" in out
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("run", "stage", "inspect", "runs", "report", "schedule", "serve", "generate"):
+        assert verb in out
+
+
+def test_runs_json_lists_runs(tmp_path, capsys):
+    RunStore(tmp_path).create({}, ["problems"], preset="micro", run_id="r1")
+    assert main(["runs", "--json", "--root", str(tmp_path)]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert runs[0]["run_id"] == "r1" and runs[0]["stages"]["problems"]["status"] == "pending"
