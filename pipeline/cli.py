@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(d)
 
     p = sub.add_parser("serve", help="serve scheduled deployments (needs a Prefect server)")
-    p.add_argument("--limit", type=int, default=None, help="exit after this many runs (testing)")
+    p.add_argument("--limit", type=int, default=1, help="most flow runs executed at once (default 1)")
     _add_root(p)
 
     p = sub.add_parser("generate", help="sample from any model r1flow can load")
@@ -149,13 +149,27 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _is_user_error(e: Exception) -> bool:
+    """Errors the user can fix (config, data, model files): one message, no traceback."""
+    if isinstance(e, (ConfigError, ArtifactError)):
+        return True
+    lm_errors = []
+    for module, name in (("lm.gguf", "LoadError"), ("lm.checkpoint", "CheckpointError")):
+        mod = sys.modules.get(module)  # only if already imported: no torch import just to check
+        if mod is not None and hasattr(mod, name):
+            lm_errors.append(getattr(mod, name))
+    return isinstance(e, tuple(lm_errors)) if lm_errors else False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "root", None) is None:
         args.root = default_root()
     try:
         return COMMANDS[args.verb](args)
-    except (ConfigError, ArtifactError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"r1flow {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

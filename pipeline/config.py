@@ -113,10 +113,14 @@ def load_raw(preset: str | None = "tiny", file: Path | str | None = None) -> dic
 
 
 def parse_value(text: str) -> Any:
-    """A `--set` value: any TOML literal (1e-4, true, [1, 2], "x"); otherwise the bare string."""
+    """A `--set` value: a TOML literal (1e-4, true, [1, 2], "x"), else JSON, else the bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
         return text
 
 

@@ -1,0 +1,109 @@
+"""Seconds per GRPO step of r1flow's loop (`stages.grpo.grpo_step`), with its phases.
+
+    python bench/grpo_step.py --d-model 256 --layers 4 --heads 4 --kv-heads 2 --ffn 704 --vocab 512 \
+        --prompts 4 --group 8 --new-tokens 64 --beta 0.04 --mu 1 --steps 10 --threads 2
+
+A randomly initialised Llama-style model (tied embeddings, fp32) and a byte-level BPE trained on a
+few thousand random words; every completion is exactly `--new-tokens` long (no stop token), each
+step samples prompts x group completions, scores them with a cheap text reward (share of digits),
+computes reference log-probs (beta > 0), one policy forward/backward per pass and an AdamW step.
+Two warm-up steps are run first and not counted. The last line printed is one JSON object:
+`median_step_s`, `phases` (median seconds of generate, ref_logprobs, policy_fwd_bwd, optimizer),
+and the load average the run saw (the machine is shared; figures are noisy under load).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lm.model import ModelConfig, Transformer  # noqa: E402
+from lm.sampler import TorchSampler  # noqa: E402
+from lm.tokenizer import train_bpe  # noqa: E402
+from stages.grpo import PHASES, GRPOConfig, grpo_step, make_parts  # noqa: E402
+from stages.sampling import Problem  # noqa: E402
+
+WARMUP = 2
+
+
+def digit_share(problems, prompts, texts):
+    """A cheap reward with spread inside each group: the share of digits in the completion."""
+    share = [sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]
+    return SimpleNamespace(total=share, components={"digits": share})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--ffn", type=int, default=704)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--mu", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    tok = train_bpe([" ".join(words[i:i + 20]) for i in range(0, len(words), 20)], args.vocab)
+    problems = [Problem(f"p{i}", f"What is {a} + {b}?", str(a + b), "en")
+                for i, (a, b) in enumerate((rng.randint(10, 999), rng.randint(10, 999)) for _ in range(64))]
+    model = Transformer(ModelConfig(vocab_size=max(args.vocab, tok.vocab_size), dim=args.d_model,
+                                    n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                                    ffn_dim=args.ffn, max_seq_len=512))
+    cfg = GRPOConfig(steps=args.steps + WARMUP, prompts_per_step=args.prompts, group_size=args.group,
+                     max_new_tokens=args.new_tokens, beta=args.beta, mu=args.mu, stop_at_answer=False,
+                     lr=1e-5, warmup_steps=0, autocast=False)  # fp32, as the issue's figure asks
+    sampler = TorchSampler(model, None, max_batch_size=args.prompts * args.group)  # no tokenizer: no stop id
+    tr = make_parts(cfg, model, tok, problems, digit_share, seed=0, sampler=sampler)
+
+    load_before = os.getloadavg()
+    steps, cpu, phases, tokens = [], [], {p: [] for p in PHASES}, []
+    for step in range(1, cfg.steps + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = grpo_step(tr, step)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if step > WARMUP:
+            steps.append(dt)
+            cpu.append(dc)
+            for p in PHASES:
+                phases[p].append(res.phases.get(p, 0.0))
+            tokens.append(res.metrics["completion_len_mean"])
+    print(json.dumps({
+        "median_step_s": round(statistics.median(steps), 4),
+        "phases": {p: round(statistics.median(v), 4) for p, v in phases.items()},
+        "min_step_s": round(min(steps), 4),
+        # CPU seconds of all threads: less sensitive to other processes than wall time (with 1
+        # thread it is the step's compute; with 2 it includes OpenMP spin-waiting)
+        "median_step_cpu_s": round(statistics.median(cpu), 4),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "mean_step_s": round(statistics.mean(steps), 4),
+        "steps": len(steps),
+        "completion_tokens": statistics.mean(tokens),
+        "params": model.num_params(),
+        "threads": args.threads,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "args": vars(args),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`r1flow run` and `r1flow stage`: validate first, then hand the work to the Prefect flows.
+
+Without `PREFECT_API_URL` Prefect runs in its local ephemeral mode (nothing to start); with it set,
+runs are recorded on that server and show in its UI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from artifacts import RunStore
+from pipeline.config import STAGES, apply_overrides, load_config, validate
+from pipeline.runs_view import run_summary
+
+
+def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:
+    """Apply `--set` overrides to a run's recorded config (validated before anything changes)."""
+    runs = RunStore(root)
+    record = runs.load(run_id)
+    cfg = validate(apply_overrides(record.config, overrides), preset=record.preset)
+    record.config = cfg.to_dict()
+    runs.save(record)
+
+
+def _print_table(root: Path, run_id: str) -> None:
+    record = RunStore(root).load(run_id)
+    print(f"\nrun {run_id}: {record.status}")
+    for name, e in record.stages.items():
+        secs = f"{e.seconds:7.1f}s" if e.seconds is not None else " " * 8
+        print(f"  {name:<19} {e.status:<8} {secs}  {e.path or ''}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.flows import r1_pipeline
+
+    cfg = load_config(args.preset, args.config, args.overrides)  # every stage validated before work
+    root = Path(args.root)
+    record = RunStore(root).create(cfg.to_dict(), STAGES, preset=args.preset, run_id=args.run_id)
+    print(f"r1flow run {record.run_id} (preset {args.preset}, root {root})", flush=True)
+    try:
+        r1_pipeline(run_id=record.run_id, root=str(root))
+    finally:
+        _print_table(root, record.run_id)
+        if args.json:
+            print(json.dumps(run_summary(RunStore(root).load(record.run_id)), default=str))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from pipeline.flows import stage_flow
+
+    root = Path(args.root)
+    runs = RunStore(root)
+    runs.load(args.run_id)  # a clear error for an unknown run before Prefect starts
+    if args.overrides:
+        update_run_config(root, args.run_id, args.overrides)
+    result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
+    print(f"{args.name}: {result['status']} -> {result['path']}", file=sys.stderr if args.json else sys.stdout)
+    _print_table(root, args.run_id) if not args.json else None
+    if args.json:
+        print(json.dumps(run_summary(runs.load(args.run_id)), default=str))
+    return 0

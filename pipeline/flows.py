@@ -1,0 +1,175 @@
+"""Prefect flows: the full R1 pipeline, one-stage reruns, and the schedulable distill flow.
+
+Prefect orchestrates; it does not cache. Each stage is a Prefect task that calls
+`pipeline.runner.execute_stage`, whose cache is the artifact store keyed by
+hash(stage, config, input content hashes, code version) (DESIGN.md). Prefect's own result cache is
+switched off (`NO_CACHE`) on purpose: a cached Prefect result would hand back the path of an
+artifact that may since have been deleted or corrupted, and its default policy hashes inputs by
+path rather than content. The task run is named `<stage>-<cache key prefix>`, so the UI shows
+which artifact a task produced or reused.
+
+Tasks pass run ids and paths, never tensors or tables. Model stages take a global concurrency
+slot named `r1flow-device-<device>` (limit 1, created on first use) so that two flows never train
+on one device at once; raise the limit with `prefect gcl update r1flow-device-cuda --limit N`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from artifacts import ArtifactError, RunStore, read_manifest
+from pipeline.config import STAGES, ConfigError, RunConfig, validate
+from pipeline.runner import execute_stage, finish_run, resolve_device
+
+DEVICE_FREE_STAGES = {"problems"}
+_TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only failures a retry can fix (I/O, timeouts), not bad config or bad data."""
+    try:
+        state.result()
+    except (ConfigError, ArtifactError):
+        return False
+    except _TRANSIENT:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow run (unit tests of helpers)
+        return logging.getLogger("r1flow")
+
+
+def config_of(run_id: str, root: Path) -> RunConfig:
+    record = RunStore(root).load(run_id)
+    return validate(record.config, preset=record.preset)
+
+
+@contextmanager
+def device_slot(device: str) -> Iterator[None]:
+    """Hold the device's global concurrency slot (limit 1) for the duration of a model stage."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"r1flow-device-{device.replace(':', '-')}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def _progress_with_artifact(stage: str):
+    """A `ctx.progress` that drives tqdm and a Prefect progress artifact (updated every ~2%)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from tqdm.auto import tqdm
+
+    def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None) -> Iterator[Any]:
+        total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        artifact_id = create_progress_artifact(0.0, key=None, description=f"{stage}: {desc}") if total else None
+        last = 0.0
+        for i, item in enumerate(tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)):
+            yield item
+            if artifact_id is not None:
+                pct = 100.0 * (i + 1) / total
+                if pct - last >= 2.0 or i + 1 == total:
+                    update_progress_artifact(artifact_id, pct)
+                    last = pct
+
+    return progress
+
+
+def publish_ui_artifacts(stage: str, path: Path, status: str) -> None:
+    """A table artifact (summary + dataset preview) and a markdown artifact (the manifest in words)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipeline.inspect import inspect_dataset, resolve
+
+    m = read_manifest(path)
+    key = stage.replace("_", "-")
+    rows = [{"metric": k, "value": v} for k, v in m.summary.items()]
+    if m.rows:
+        preview = inspect_dataset(resolve(str(path)), rows=10)["head"]
+        rows += [{"metric": f"preview[{i}]", "value": json.dumps(r, default=str)[:300]} for i, r in enumerate(preview)]
+    create_table_artifact(rows, key=f"{key}-summary", description=f"{stage} summary and preview")
+    lines = [
+        f"### {stage} — {status}",
+        f"- artifact `{m.id}` at `{path}`",
+        f"- created {m.created}, code {m.code_version}",
+        f"- inputs: " + (", ".join(f"{k} `{v[:12]}`" for k, v in m.inputs.items()) or "none"),
+        f"- datasets: " + (", ".join(f"{k} ({v:,} rows)" for k, v in m.rows.items()) or "none"),
+        "- summary: " + ", ".join(f"{k}={v}" for k, v in m.summary.items()),
+    ]
+    create_markdown_artifact("\n".join(lines), key=f"{key}-manifest", description=f"{stage} manifest")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient,
+      task_run_name="{name}")
+def stage_task(name: str, run_id: str, root: str, force: bool = False) -> dict[str, Any]:
+    """Run (or reuse) one stage of a run; returns its status and artifact path."""
+    logger = _logger()
+    root_path = Path(root)
+    cfg = config_of(run_id, root_path)
+    progress = _progress_with_artifact(name)
+    if name in DEVICE_FREE_STAGES:
+        outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=progress)
+    else:
+        with device_slot(resolve_device(cfg.run.device)):
+            outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=progress)
+    try:
+        publish_ui_artifacts(name, outcome.path, outcome.status)
+    except Exception as e:  # the UI preview must never fail a finished stage
+        logger.warning(f"{name}: could not publish UI artifacts: {e}")
+    return {"stage": name, "status": outcome.status, "path": str(outcome.path), "seconds": outcome.seconds}
+
+
+@flow(name="r1_pipeline", log_prints=True)
+def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None) -> list[dict]:
+    """Every stage of the R1 recipe in order (or the listed ones), each reused when cached."""
+    results = []
+    try:
+        for name in stages or list(STAGES):
+            results.append(stage_task(name, run_id, root, force=name in (force or [])))
+    except BaseException:
+        finish_run(Path(root), run_id, "failed")
+        raise
+    finish_run(Path(root), run_id, "succeeded")
+    return results
+
+
+@flow(name="r1flow_stage", flow_run_name="{name}-{run_id}", log_prints=True)
+def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
+    """Rerun one stage of an existing run, reusing its upstream artifacts."""
+    return stage_task(name, run_id, root, force=force)
+
+
+@flow(name="distill", flow_run_name="distill-{teacher_run}", log_prints=True)
+def distill_flow(teacher_run: str, students: list[str], root: str, overrides: list[str] | None = None) -> dict:
+    """Distill the teacher run's rejection-sampled data into the given students.
+
+    The students' artifacts are written into the teacher's run (its `distill` stage), so
+    `r1flow inspect TEACHER/distill` and `r1flow runs` show them; `evaluate` becomes stale.
+    """
+    from pipeline.commands import update_run_config
+
+    student_specs = [{"name": s, "model": s} for s in students]
+    update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
+    return stage_task("distill", teacher_run, root)

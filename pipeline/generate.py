@@ -1,0 +1,76 @@
+"""`r1flow generate`: sample from any model r1flow can load.
+
+SOURCE is a run's stage (`RUN_ID/STAGE`, or `RUN_ID/distill/students/NAME`), a checkpoint
+directory, a `.gguf` file, a Hugging Face safetensors directory, or a preset (`smollm2-135m`).
+
+Without `--chat` the prompt is encoded as given (special-token strings are honoured), with a BOS
+token only if the model's tokenizer asks for one. With `--chat` the prompt is wrapped in the
+model's own chat template when it has one (R1-Zero's instruction as the system turn), else in
+r1flow's R1-Zero template. `--json` prints one object: text, token_ids, logprobs (one per generated
+token) and top_logprobs (the 5 most likely tokens at the first generated position).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from artifacts import ArtifactError, RunStore
+
+
+def resolve_source(source: str, root: Path) -> str:
+    """Map `RUN_ID/STAGE[/sub/path]` to the artifact directory; anything else passes through."""
+    parts = source.strip("/").split("/")
+    if len(parts) >= 2 and not Path(source).exists() and RunStore(root).exists(parts[0]):
+        record = RunStore(root).load(parts[0])
+        entry = record.stages.get(parts[1])
+        if entry is None or not entry.path:
+            raise ArtifactError(f"run {parts[0]} has no {parts[1]} checkpoint")
+        return str(Path(entry.path, *parts[2:]))
+    return source
+
+
+def build_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        template = getattr(tokenizer, "chat_template", None)
+        if template:
+            from lm.chat_template import render_r1_chat
+
+            text = render_r1_chat(template, prompt)
+        else:
+            text = tokenizer.render_prompt(prompt, "r1_zero")
+    else:
+        text = prompt
+    ids = tokenizer.encode(text, allow_special=True)
+    if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lm.loading import load_model
+    from lm.sampler import SamplingParams, TorchSampler
+    from pipeline.runner import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(resolve_source(args.model, Path(args.root)), device=device, dtype=args.dtype)
+    model.eval()
+    ids = build_prompt(tokenizer, args.prompt, args.chat)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            stop_token_ids=tuple(t for t in (tokenizer.eos_id,) if t is not None))
+    gen = TorchSampler(model, tokenizer).generate([ids], params, seed=args.seed)[0]
+    text = tokenizer.decode(gen.token_ids)
+    if not args.json:
+        print(text)
+        return 0
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=device))[0, -1].float()  # [vocab]
+        top = torch.log_softmax(logits, dim=-1).topk(5)
+    top_logprobs = [{"id": int(i), "token": tokenizer.decode([int(i)]), "logprob": float(v)}
+                    for v, i in zip(top.values, top.indices)]
+    print(json.dumps({"text": text, "token_ids": gen.token_ids, "logprobs": gen.logprobs,
+                      "finish_reason": gen.finish_reason, "prompt_tokens": len(ids),
+                      "top_logprobs": top_logprobs}, ensure_ascii=False))
+    return 0

@@ -1,0 +1,165 @@
+"""`r1flow report RUN_ID`: a Markdown report with PNG plots of a run.
+
+Plots: the RL curves (reward, accuracy, format rate, language consistency, completion length over
+steps, rl_zero and rl_reasoning side by side) and the per-checkpoint evaluation as a bar chart.
+Everything is read from the run's artifacts (metrics.parquet in long format step/name/value,
+evaluate's summary.parquet), so the report is regenerated, never hand-edited.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from artifacts import ArtifactError, RunStore
+from artifacts.store import atomic_write_text
+
+RL_STAGES = ("rl_zero", "rl_reasoning")
+# (panel title, file stem, metric-name predicate); the first matching name per stage is plotted.
+RL_PANELS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("mean reward", "reward", ("reward/mean", "reward_mean", "reward")),
+    ("accuracy", "accuracy", ("reward/accuracy", "accuracy")),
+    ("format rate", "format", ("format_rate", "reward/format", "format")),
+    ("language consistency", "language", ("language_consistency", "reward/language_consistency")),
+    ("mean completion length (tokens)", "length", ("completion_length/mean", "mean_completion_length",
+                                                   "length/mean", "completion_len_mean")),
+]
+EVAL_BARS = ("pass@1", "maj@k", "format_rate", "language_mix_rate")
+
+
+def _metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """name -> [(step, value)] from a long-format metrics.parquet."""
+    f = path / "metrics.parquet"
+    if not f.is_file():
+        return {}
+    t = pq.read_table(f, columns=["step", "name", "value"]).to_pydict()
+    series: dict[str, list[tuple[float, float]]] = {}
+    for s, n, v in zip(t["step"], t["name"], t["value"]):
+        if v is not None:
+            series.setdefault(n, []).append((s, v))
+    return series
+
+
+def _pick(series: dict[str, Any], candidates: tuple[str, ...]) -> str | None:
+    for c in candidates:
+        if c in series:
+            return c
+    return None
+
+
+def _plot_rl(curves: dict[str, dict[str, list[tuple[float, float]]]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, stem, cands) for title, stem, cands in RL_PANELS
+              if any(_pick(s, cands) for s in curves.values())]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, _, cands) in zip(axes[0], panels):
+        for stage, series in curves.items():
+            name = _pick(series, cands)
+            if name:
+                xs, ys = zip(*sorted(series[name]))
+                ax.plot(xs, ys, label=stage, linewidth=1.5)
+        ax.set_title(title)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "rl_curves.png", dpi=110)
+    plt.close(fig)
+    return ["rl_curves.png"]
+
+
+def _plot_eval(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bars = [b for b in EVAL_BARS if rows and b in rows[0]]
+    if not rows or not bars:
+        return []
+    names = [r["checkpoint"] for r in rows]
+    x = np.arange(len(names))
+    w = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names)), 3.8))
+    for i, b in enumerate(bars):
+        vals = [100.0 * (r[b] or 0.0) for r in rows]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * w, vals, w, label=b)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("evaluation on the held-out test split")
+    ax.legend(ncols=len(bars), fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=110)
+    plt.close(fig)
+    return ["eval.png"]
+
+
+def eval_rows(path: Path) -> list[dict[str, Any]]:
+    f = path / "summary.parquet"
+    return pq.read_table(f).to_pylist() if f.is_file() else []
+
+
+def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "greedy_accuracy", "format_rate",
+            "language_mix_rate", "mean_length"]
+    cols = [c for c in cols if rows and c in rows[0]]
+    pct = {"pass@1", "maj@k", "pass@k", "greedy_accuracy", "format_rate", "language_mix_rate"}
+
+    def fmt(c: str, v: Any) -> str:
+        if v is None:
+            return "–"
+        if c in pct:
+            return f"{100 * v:.1f}%"
+        if c == "params":
+            return f"{v / 1e6:.2f}M"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
+    record = RunStore(root).load(run_id)
+    out = Path(out) if out is not None else root / "runs" / run_id / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# r1flow run {run_id}", "", f"status **{record.status}**, preset `{record.preset}`, "
+             f"created {record.created}", "", "## Stages", "", "| stage | status | seconds | artifact |",
+             "|---|---|---|---|"]
+    for name, e in record.stages.items():
+        secs = f"{e.seconds:.1f}" if e.seconds is not None else "–"
+        lines.append(f"| {name} | {e.status} | {secs} | `{Path(e.path).name if e.path else '–'}` |")
+    curves = {s: _metrics(Path(record.stages[s].path)) for s in RL_STAGES
+              if s in record.stages and record.stages[s].path}
+    images = _plot_rl(curves, out)
+    if images:
+        lines += ["", "## RL curves", "", "![RL curves](rl_curves.png)"]
+    ev = record.stages.get("evaluate")
+    if ev is not None and ev.path:
+        rows = eval_rows(Path(ev.path))
+        lines += ["", "## Evaluation", "", eval_table_markdown(rows)]
+        if _plot_eval(rows, out):
+            lines += ["", "![evaluation](eval.png)"]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = write_report(Path(args.root), args.run_id, args.out)
+    if not path.exists():
+        raise ArtifactError(f"report for {args.run_id} was not written")
+    print(f"report: {path}")
+    for png in sorted(path.parent.glob("*.png")):
+        print(f"plot:   {png}")
+    return 0

@@ -1,0 +1,154 @@
+"""Execute stages against the artifact store and a run record; Prefect wraps these functions.
+
+This module holds everything "run a stage" means apart from orchestration: resolve and verify the
+upstream artifacts, compute the cache key, reuse or produce the artifact atomically, give the
+stage a scratch directory that survives a crash (so it can resume), and record the outcome.
+`pipeline/flows.py` calls `execute_stage` from Prefect tasks; tests call it directly.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from artifacts import ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
+from artifacts.runs import now_iso
+from pipeline.config import STAGES, RunConfig, stage_module
+from stages.context import StageContext
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # ran | cached
+    path: Path
+    seconds: float
+    summary: dict
+
+
+class UpstreamMissing(ArtifactError):
+    """A stage's input artifact is absent or corrupt; named, never recomputed silently."""
+
+
+def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[str, dict]:
+    """The artifact cache key of a stage in a run, and the config payload it hashes."""
+    payload = {
+        "stage": cfg.stage(name).model_dump(mode="json"),
+        # Seed and dtype change the bytes a stage produces; the device does not (by intent).
+        "seed": cfg.run.seed,
+        "dtype": resolve_dtype(cfg.run.dtype, resolve_device(cfg.run.device)),
+    }
+    return cache_key(name, payload, input_hashes, code_version()), payload
+
+
+def upstream_inputs(name: str, record: RunRecord) -> tuple[dict[str, Path], dict[str, str]]:
+    """Paths and content hashes of a stage's inputs, verified; UpstreamMissing names the culprit."""
+    paths, hashes = {}, {}
+    for up in stage_module(name).INPUTS:
+        entry = record.stages.get(up)
+        if entry is None or not entry.path:
+            status = entry.status if entry else "absent"
+            raise UpstreamMissing(
+                f"stage {name} needs the {up} artifact, but run {record.run_id} has none ({up} is {status}); "
+                f"run `r1flow stage {up} --run {record.run_id}` first"
+            )
+        try:
+            manifest = verify(entry.path)
+        except ArtifactError as e:
+            raise UpstreamMissing(f"stage {name}: upstream {up} artifact is unusable: {e}") from e
+        paths[up] = Path(entry.path)
+        hashes[up] = manifest.content_hash
+    return paths, hashes
+
+
+def execute_stage(
+    name: str,
+    cfg: RunConfig,
+    run_id: str,
+    root: Path,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress=None,
+) -> StageOutcome:
+    """Reuse or produce one stage's artifact for a run, and record it in the run record."""
+    runs, store = RunStore(root), ArtifactStore(root)
+    record = runs.load(run_id)
+    inputs, hashes = upstream_inputs(name, record)
+    key, payload = stage_key(name, cfg, hashes)
+    entry = record.stages.setdefault(name, StageEntry())
+    previous_hash = entry.content_hash
+
+    hit = None if force else store.lookup(name, key)
+    if hit is not None:
+        try:
+            verify(store.path_for(name, key))
+        except ArtifactError as e:
+            log(f"{name}: cached artifact is corrupt ({e}); recomputing")
+            hit = None
+    if hit is not None:
+        manifest, status, seconds = hit, "cached", 0.0
+        log(f"{name}: reused from cache ({manifest.id})")
+    else:
+        entry.status, entry.started, entry.error = "running", now_iso(), None
+        runs.save(record)
+        device = resolve_device(cfg.run.device)
+        scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
+        scratch.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype(cfg.run.dtype, device),
+                           run_dir=scratch, log=log)
+        if progress is not None:
+            ctx.progress = progress
+        module = stage_module(name)
+        t0 = time.perf_counter()
+        log(f"{name}: running (key {key[:12]})")
+        try:
+            manifest = store.write(name, key, payload, hashes,
+                                   lambda out: module.run(cfg.stage(name), inputs, out, ctx), module.SCHEMAS)
+        except BaseException as e:
+            record = runs.load(run_id)
+            record.stages[name].status = "failed"
+            record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
+            record.status = "failed"
+            runs.save(record)
+            raise
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(scratch, ignore_errors=True)
+        status = "ran"
+        log(f"{name}: done in {seconds:.1f}s ({manifest.id})")
+
+    record = runs.load(run_id)  # re-read: the stage may have run for a long time
+    entry = record.stages[name]
+    entry.status, entry.path = status, str(store.path_for(name, key))
+    entry.cache_key, entry.content_hash = key, manifest.content_hash
+    entry.finished, entry.seconds, entry.summary = now_iso(), round(seconds, 2), manifest.summary
+    if previous_hash is not None and previous_hash != manifest.content_hash:
+        stale = record.mark_stale_after(name, STAGES)
+        if stale:
+            log(f"{name}: new artifact; downstream stages now stale: {', '.join(stale)}")
+    runs.save(record)
+    return StageOutcome(name, status, store.path_for(name, key), seconds, manifest.summary)
+
+
+def finish_run(root: Path, run_id: str, status: str) -> RunRecord:
+    runs = RunStore(root)
+    record = runs.load(run_id)
+    record.status = status
+    runs.save(record)
+    return record

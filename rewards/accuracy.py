@@ -1,0 +1,154 @@
+"""Accuracy reward: is the completion's final answer equivalent to the reference?
+
+DeepSeek-R1-Zero's rule-based accuracy reward (DeepSeek-AI 2025, §2.2.2: "the model is required to
+provide the final answer in a specified format (e.g., within a box), enabling reliable rule-based
+verification"). Scores are 1.0 (equivalent), 0.0 (not, or no answer, or timeout) and None when the
+reference itself cannot be read (logged by :func:`rewards.combine`, never silently scored).
+
+Pipeline per completion:
+1. extraction in this process (:mod:`rewards.extract`): answer region, boxes, prose;
+2. identical normalized strings -> 1.0; multiple-choice references compare option letters;
+3. the fast path (:mod:`rewards.numbers`): both sides plain numbers -> exact ``Fraction`` compare,
+   no sympy, no worker;
+4. everything else goes to the worker pool (:mod:`rewards.pool`), which parses both sides with our
+   own parser (:mod:`rewards.latex`) and compares them with sympy (:mod:`rewards.equivalence`)
+   under a hard wall-clock timeout. A timeout scores 0.0 with reason "timeout" and the batch goes on.
+
+Identical (reference, answer) pairs within a batch are judged once. The pool (``DEFAULT_WORKERS``
+processes, ``DEFAULT_TIMEOUT_S`` per comparison) starts on first use and is reused; call
+:func:`configure` to change it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from rewards.extract import (
+    MAX_ANSWER_CHARS, answer_region, canonical, choice_letter, final_answer_candidates,
+    predicted_choice, reference_answer,
+)
+from rewards.numbers import (
+    PlainNumber, decimal_comma_equal, parse_plain_number, plain_numbers_equal,
+)
+from rewards.pool import TaskResult, WorkerPool
+from rewards.registry import Score, column, register
+
+DEFAULT_WORKERS = 2
+DEFAULT_TIMEOUT_S = 3.0
+_TASK = "rewards.equivalence:judge"
+
+_pool: WorkerPool | None = None
+
+
+def configure(workers: int = DEFAULT_WORKERS, timeout_s: float = DEFAULT_TIMEOUT_S,
+              memory_mb: int = 2048) -> WorkerPool:
+    """Replace the shared comparison pool (the old one is closed); returns the new pool."""
+    global _pool
+    if _pool is not None:
+        _pool.close()
+    _pool = WorkerPool(_TASK, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    return _pool
+
+
+def get_pool() -> WorkerPool:
+    """The shared pool, created with the defaults on first use (workers start lazily too)."""
+    return _pool if _pool is not None else configure()
+
+
+# A prepared item is either decided here: (score, reason), or needs the pool: (reference, answers).
+_Decided = tuple[Score, str]
+_Task = tuple[str, tuple[str, ...]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _reference(ref_raw: str) -> tuple[str, str | None, PlainNumber | None]:
+    """(answer, option letter, plain number) of a reference; cached, as a GRPO group repeats it."""
+    ref = reference_answer(ref_raw)
+    return ref, choice_letter(ref), parse_plain_number(ref)
+
+
+def _prepare(region: str | None, reference: Any) -> _Decided | _Task:
+    if reference is None:
+        return None, "no reference answer"
+    ref, letter, ref_number = _reference(reference if isinstance(reference, str) else str(reference))
+    if not ref:
+        return None, "no reference answer"
+    if len(ref) > MAX_ANSWER_CHARS:
+        return None, "reference too long"
+    if letter is not None:
+        picked = predicted_choice(region) if region is not None else None
+        if picked is None:
+            return 0.0, "no option letter"
+        if picked != letter:
+            return 0.0, f"option {picked}, not {letter}"
+        return 1.0, f"option {picked}"
+    if region is None:
+        return 0.0, "no answer (missing or unclosed tags)"
+    cands = [c for c in final_answer_candidates(region) if c]
+    if not cands:
+        return 0.0, "empty answer"
+    if any(len(c) > MAX_ANSWER_CHARS for c in cands):
+        return 0.0, "answer too long"
+    if len(cands) == 1:
+        if canonical(cands[0]) == canonical(ref):
+            return 1.0, "identical"
+        cand_number = parse_plain_number(cands[0])
+        if ref_number is not None and cand_number is not None:
+            if plain_numbers_equal(ref_number, cand_number):
+                return 1.0, "equal numbers"
+            return 0.0, "different numbers"
+        if decimal_comma_equal(ref, ref_number, cands[0], cand_number):
+            return 1.0, "equal numbers (decimal comma)"
+    elif ref_number is not None:
+        return 0.0, "several different boxed answers"
+    return ref, tuple(cands)
+
+
+def _from_result(result: TaskResult) -> _Decided:
+    if result.status == "ok":
+        verdict, reason = result.value
+        return (None if verdict is None else float(verdict)), reason
+    if result.status == "timeout":
+        return 0.0, "timeout"
+    return 0.0, f"{result.status}: {result.detail}"
+
+
+def _judge_all(items: list[_Decided | _Task], pool: WorkerPool | None) -> list[_Decided]:
+    tasks: dict[_Task, int] = {}
+    for item in items:
+        if isinstance(item[1], tuple):
+            tasks.setdefault(item, len(tasks))  # type: ignore[arg-type]
+    verdicts: list[_Decided] = []
+    if tasks:
+        results = (pool or get_pool()).map(list(tasks))
+        verdicts = [_from_result(r) for r in results]
+    return [verdicts[tasks[it]] if isinstance(it[1], tuple) else it  # type: ignore[index]
+            for it in items]
+
+
+def accuracy_item(completion: str, answer: Any = None, **_: Any) -> tuple[Score, str]:
+    """Score one completion against its reference answer; returns (score, reason)."""
+    return _judge_all([_prepare(answer_region(completion), answer)], None)[0]
+
+
+def verify(reference: Any, answer_text: str, pool: WorkerPool | None = None) -> tuple[Score, str]:
+    """Compare an answer text (no tags needed: prose, a box, a bare expression) with a reference."""
+    return _judge_all([_prepare(answer_text, reference)], pool)[0]
+
+
+def accuracy_reward(completions: list[str], answer: Any = None, **columns: Any) -> list[Score]:
+    """1.0 when the final answer is equivalent to ``answer[i]``, else 0.0; None if unjudgeable."""
+    return [s for s, _ in accuracy_details(completions, answer=answer, **columns)]
+
+
+def accuracy_details(completions: list[str], answer: Any = None, pool: WorkerPool | None = None,
+                     **columns: Any) -> list[tuple[Score, str]]:
+    """(score, reason) for every completion; the batch form of :func:`accuracy_item`."""
+    if answer is None:
+        raise ValueError("accuracy reward needs the 'answer' column (one reference per completion)")
+    refs = column({"answer": answer}, "answer", len(completions), None)
+    items = [_prepare(answer_region(c), r) for c, r in zip(completions, refs)]
+    return _judge_all(items, pool)
+
+
+register("accuracy", accuracy_item)(accuracy_reward)

@@ -1,0 +1,274 @@
+"""The `distill` stage: smaller students trained on the teacher's reasoning traces.
+
+Where from: DeepSeek-R1 (DeepSeek-AI 2025), sec. 2.4: small dense models fine-tuned on the ~800k
+samples curated with the RL-trained model (its rejection-sampled reasoning data) beat the same
+small models trained with RL directly. That is sequence-level knowledge distillation (Kim & Rush
+2016): plain SFT on the teacher's outputs, here `rejection_sampling`'s `reasoning_sft.parquet`
+(prompt, completion), loss on completion tokens only. Optionally (`kd_weight > 0`) the token-level
+term of Hinton et al. (2015) is added: KL from the teacher's (the rl_reasoning checkpoint's)
+temperature-softened next-token distribution, which needs the teacher's vocabulary.
+
+Students (`students`, each a `StudentSpec`) start from scratch, an lm preset with the teacher's
+tokenizer and vocabulary, or from a checkpoint (`init`) with that checkpoint's own tokenizer
+(sequence-level distillation works across vocabularies; token-level KD does not and says so).
+
+With `baseline = true` each student architecture is also trained from the same starting weights,
+for the same number of optimizer steps and batch size, on the base pretraining corpus alone
+(problems' `corpus.parquet`): the control that shows what the teacher's data adds (issue 8's
+outcome: the distilled student beats it). A problem set without a corpus skips the baselines and
+says so in the log and the summary (`baselines = 0`).
+
+R1 distilled into *pretrained* small models (Qwen2.5, Llama 3). `pretrain_steps > 0` does the same
+at toy scale: each student is first pretrained on the corpus for that many steps (phase 1, shared:
+it is also the baseline's start), then the student trains `steps` steps on the teacher's traces
+while its baseline trains `steps` more steps on the corpus, continuing where phase 1 stopped. The
+two then differ only in the data of those last `steps` steps. With `pretrain_steps = 0` students
+start untrained, which on a few hundred traces teaches the format but little arithmetic.
+
+Outputs: `students/<name>/` and `baselines/<name>/` (lm.checkpoint directories),
+`metrics.parquet` (student, step, name, value) with `student` = "<name>", "baseline:<name>" or
+"pretrain:<name>" (phase 1).
+Each training resumes from its own folder of `ctx.run_dir`; a finished one is not redone.
+"""
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from artifacts.store import write_table
+from lm.checkpoint import load_checkpoint, save_checkpoint
+from lm.model import MODEL_PRESETS, Transformer
+from lm.tokenizer import TEMPLATES, Tokenizer
+from lm.train import make_optimizer, resolve_device, set_lr
+from stages.context import StageContext
+from stages.lm_training import (METRICS_FIELDS, Batch, BatchPlan, Example, LossFn, Metrics, collate,
+                                distill_loss_sum, fixed_batches, lm_loss_sum, load_resume, lr_schedule, new_model,
+                                optimizer_step, read_pairs, read_text_columns, resume_dir, save_resume,
+                                split_by_group, tokenize_documents, validation_loss)
+
+INPUTS: tuple[str, ...] = ("rejection_sampling", "rl_reasoning", "problems")
+METRICS_SCHEMA = pa.schema([pa.field("student", pa.string(), nullable=False), *METRICS_FIELDS])
+SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class StudentSpec(BaseModel):
+    """One student: its name (the output folder), its lm preset, and an optional starting checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str | None = Field(None, description="lm MODEL_PRESETS name; defaults to `name`")
+    init: str | None = Field(None, description="checkpoint directory to start from instead of scratch")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _SAFE_NAME.fullmatch(v):
+            raise ValueError(f"student name {v!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+        return v
+
+    @model_validator(mode="after")
+    def _preset(self) -> "StudentSpec":
+        if self.model is None:
+            self.model = self.name
+        if self.init is None and self.model not in MODEL_PRESETS:
+            raise ValueError(f"student {self.name!r}: unknown model preset {self.model!r}; "
+                             f"the presets are: {', '.join(MODEL_PRESETS)} (or give `init`)")
+        return self
+
+
+class Config(BaseModel):
+    """Knobs of the distill stage; defaults train the tiny preset's student (and its baseline) in
+    about two CPU minutes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    students: list[StudentSpec] = Field(default_factory=lambda: [StudentSpec(name="tiny-student")])
+    baseline: bool = Field(True, description="also train each student on the base corpus alone")
+    template: str | None = Field("r1_zero_short", description="chat template for the prompt column; "
+                                                             "None = prompts are already rendered")
+    seq_len: int = Field(256, ge=8)
+    pretrain_steps: int = Field(0, ge=0, description="corpus steps before distillation, shared by each "
+                                                   "student and its baseline (0: students start untrained)")
+    steps: int = Field(300, ge=1, description="distillation steps per student (and corpus steps per baseline)")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    clip: float = Field(1.0, ge=0)
+    autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
+    kd_weight: float = Field(0.0, ge=0, description="weight of token-level KL to the teacher (0: off)")
+    kd_temperature: float = Field(1.0, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out share of the teacher's traces")
+    val_max: int = Field(64, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(50, ge=1)
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is not None and v not in TEMPLATES:
+            raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATES)} (or None)")
+        return v
+
+    @field_validator("students")
+    @classmethod
+    def _unique(cls, v: list[StudentSpec]) -> list[StudentSpec]:
+        names = [s.name for s in v]
+        if not names:
+            raise ValueError("distill needs at least one student")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"student names must be unique; repeated: {dup}")
+        return v
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> dict[str, Any]:
+    """Train every configured student (and its baseline) and write their checkpoints and metrics."""
+    t0 = time.perf_counter()
+    device = resolve_device(ctx.device)
+    teacher, teacher_tok, _ = load_checkpoint(inputs["rl_reasoning"] / "checkpoint", device=device, dtype="fp32")
+    if teacher_tok is None:
+        raise ValueError(f"{inputs['rl_reasoning'] / 'checkpoint'} has no tokenizer")
+    teacher.requires_grad_(False)
+    traces_path = inputs["rejection_sampling"] / "reasoning_sft.parquet"
+    corpus = None
+    if cfg.baseline or cfg.pretrain_steps > 0:
+        corpus = _read_corpus(inputs["problems"] / "corpus.parquet", cfg, ctx)
+
+    summary: dict[str, Any] = {"students": len(cfg.students), "teacher_params": teacher.num_params()}
+    tables = []
+    for spec in cfg.students:
+        seed = _student_seed(ctx.seed, spec.name)
+        student, tok = _init_student(spec, teacher, teacher_tok, device, seed)
+        if cfg.kd_weight > 0 and student.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"student {spec.name!r}: token-level KD (kd_weight > 0) needs the teacher's "
+                             f"vocabulary ({teacher.config.vocab_size}), the student has "
+                             f"{student.config.vocab_size}; set kd_weight = 0 for sequence-level only")
+        max_len = min(cfg.seq_len, student.config.max_seq_len)
+        examples, _ = read_pairs(traces_path, tok, cfg.template, max_len, "distill")
+        train_idx, val_idx = split_by_group([e.group for e in examples], cfg.val_fraction, cfg.val_max, ctx.seed)
+        train = [examples[i] for i in train_idx]
+        val_batches = fixed_batches([examples[i] for i in val_idx], cfg.batch_size, tok.pad_id)
+        docs = tokenize_documents(tok, corpus, max_len)[0] if corpus is not None else None
+
+        if cfg.pretrain_steps > 0:  # phase 1, shared by the student and its baseline
+            name = f"pretrain:{spec.name}"
+            metrics = _train(name, student, tok, docs, val_batches, lm_loss_sum, seed, cfg.pretrain_steps, cfg, ctx)
+            tables.append(metrics.table(student=name))
+            summary[f"{name}.val_loss"] = metrics.last("val_loss")
+        start_weights = {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+        def loss_fn(model: Transformer, batch: Batch) -> torch.Tensor:
+            return distill_loss_sum(model, teacher, batch, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
+
+        metrics = _train(spec.name, student, tok, train, val_batches, loss_fn, seed, cfg.steps, cfg, ctx)
+        save_checkpoint(out / "students" / spec.name, student.eval(), tok,
+                        {"stage": "distill", "role": "student", "model": spec.model, "init": spec.init,
+                         "kd_weight": cfg.kd_weight, "pretrain_steps": cfg.pretrain_steps, "steps": cfg.steps})
+        tables.append(metrics.table(student=spec.name))
+        summary.update(_headline(spec.name, student, metrics, teacher))
+        summary[f"{spec.name}.examples"] = len(train)
+
+        if cfg.baseline and docs is not None:
+            baseline, _ = _init_student(spec, teacher, teacher_tok, device, seed)
+            baseline.load_state_dict(start_weights)  # the student's starting point, phase 1 included
+            name = f"baseline:{spec.name}"
+            metrics = _train(name, baseline, tok, docs, val_batches, lm_loss_sum, seed, cfg.steps, cfg, ctx,
+                             data_offset=cfg.pretrain_steps)
+            save_checkpoint(out / "baselines" / spec.name, baseline.eval(), tok,
+                            {"stage": "distill", "role": "baseline", "model": spec.model, "init": spec.init,
+                             "pretrain_steps": cfg.pretrain_steps, "steps": cfg.steps, "data": "corpus.parquet"})
+            tables.append(metrics.table(student=name))
+            summary.update(_headline(name, baseline, metrics, teacher))
+
+    summary["baselines"] = len(cfg.students) if cfg.baseline and corpus is not None else 0
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    write_table(pa.concat_tables(tables), out / "metrics.parquet", METRICS_SCHEMA)
+    return summary
+
+
+def _train(name: str, model: Transformer, tok: Tokenizer, train: list[Example], val_batches: list[Batch],
+           loss_fn: LossFn, seed: int, steps: int, cfg: Config, ctx: StageContext, data_offset: int = 0) -> Metrics:
+    """The training loop of one phase of one student: `steps` steps of warmup + cosine AdamW.
+
+    Args:
+        data_offset: optimizer steps of this data already consumed by an earlier phase (the
+            baseline continues the corpus where the shared pretraining phase stopped).
+
+    The validation loss is always the plain cross-entropy on the held-out teacher traces, so a
+    student and its baseline are measured on the same thing.
+    """
+    device = resolve_device(ctx.device)
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    plan = BatchPlan([len(e) for e in train], cfg.batch_size, seed)
+    state_dir = resume_dir(ctx, name.replace(":", "-"))
+    resumed = load_resume(state_dir, model, optimizer)
+    start, metrics = resumed if resumed is not None else (0, Metrics())
+    if start:
+        ctx.log(f"distill {name}: resuming at step {start}/{steps}")
+    for step in ctx.progress(range(start, steps), desc=f"distill {name}", total=steps - start):
+        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        batches = [collate([train[i] for i in idx], tok.pad_id)
+                   for idx in plan.step(data_offset + step, cfg.grad_accum)]
+        t = time.perf_counter()
+        stats = optimizer_step(model, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
+                               device=device, step=step)
+        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
+                    tokens_per_s=stats.tokens / (time.perf_counter() - t))
+        done = step + 1
+        if done % cfg.log_every == 0:
+            ctx.log(f"distill {name}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f}")
+        if done == steps and val_batches:
+            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
+        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            save_resume(state_dir, model, optimizer, done, metrics)
+    return metrics
+
+
+def _init_student(spec: StudentSpec, teacher: Transformer, teacher_tok: Tokenizer, device: str,
+                  seed: int) -> tuple[Transformer, Tokenizer]:
+    """A scratch student (preset shape, the teacher's vocabulary) or the `init` checkpoint."""
+    if spec.init is None:
+        return new_model(spec.model, teacher.config.vocab_size, seed).to(device), teacher_tok
+    model, tok, _ = load_checkpoint(spec.init, device=device, dtype="fp32")
+    return model, tok if tok is not None else teacher_tok
+
+
+def _read_corpus(path: Path, cfg: Config, ctx: StageContext) -> list[str] | None:
+    if not path.exists():
+        if cfg.pretrain_steps > 0:
+            raise FileNotFoundError(f"distill.pretrain_steps = {cfg.pretrain_steps} pretrains each student on "
+                                    f"the problems corpus, but {path} does not exist (a user problem file has "
+                                    "none): set distill.pretrain_steps = 0")
+        ctx.log(f"distill: no {path.name} in the problems artifact (a user problem file has none): "
+                "baselines skipped")
+        return None
+    return read_text_columns(path, ["text"], "the distill baseline")["text"]
+
+
+def _headline(name: str, model: Transformer, metrics: Metrics, teacher: Transformer) -> dict[str, Any]:
+    params = model.num_params()
+    return {f"{name}.params": params,
+            f"{name}.params_ratio": round(params / teacher.num_params(), 4),
+            f"{name}.final_loss": metrics.tail_mean("loss", 10),
+            f"{name}.val_loss": metrics.last("val_loss")}
+
+
+def _student_seed(seed: int, name: str) -> int:
+    """Initial weights and data order of one student (and its baseline): a function of the run
+    seed and the student's name, so adding a student does not change the others."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+

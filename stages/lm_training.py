@@ -1,0 +1,555 @@
+"""Shared components of next-token training: the `base`, `sft` and `distill` stages build on them.
+
+Each stage keeps its own loop explicit (STYLE.md 6); this module holds the parts they share:
+
+- Tokenisation into `Example`s: a token sequence plus a loss mask. Raw documents (pretraining)
+  carry loss on every token; (prompt, completion) pairs carry it on the completion and the final
+  end-of-text only, as in SFT since InstructGPT (Ouyang et al. 2022) and R1's SFT stages.
+- Batching: length buckets (right-padded rows, each sequence starting at position 0 exactly as at
+  sampling time) or packing (documents concatenated into fixed windows, GPT-2 style, for corpora
+  whose documents outrun the window). Which rows form micro-batch m is a pure function of
+  (seed, m), so a resumed run sees the same data as an uninterrupted one.
+- The loss: token-level cross-entropy (`lm.logprobs.token_logprobs`, which projects only target
+  rows onto the vocabulary) summed over masked targets and divided by the number of target tokens
+  in the whole optimizer step, so k micro-batches of accumulation equal one batch k times larger.
+  The token-level distillation term (Hinton et al. 2015) lives here too.
+- The step (accumulate, clip, non-finite guard, update; `lm.train` supplies the optimizer, the
+  schedule and the guard), the validation loss, metrics rows, and resume state in `ctx.run_dir`
+  (`lm.checkpoint` training-state files: no pickle).
+
+Right padding needs no attention mask: under a causal mask no real token can see a pad that
+follows it, so the model's `is_causal` fast path applies and pads only need masking in the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from artifacts.store import atomic_write_text, read_table
+from lm.checkpoint import CheckpointError, load_training_state, read_safetensors, save_training_state
+from lm.logprobs import token_logprobs
+from lm.model import MODEL_PRESETS, Transformer
+from lm.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
+from lm.train import autocast_context, check_finite, clip_grad, lr_at
+from stages.context import StageContext
+
+# The format tags a model writes as single special ids; other special-token strings found in data
+# (e.g. a literal "<|endoftext|>" in a model's output) stay plain text so data cannot inject control
+# tokens such as end-of-text or pad.
+FORMAT_TAGS: tuple[str, ...] = (THINK, THINK_END, ANSWER, ANSWER_END)
+_TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in FORMAT_TAGS) + ")")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence. `loss_mask[i]` is 1 when token i is a prediction target (predicted from
+    tokens < i); the first token is never a target."""
+
+    ids: np.ndarray  # [T] int64
+    loss_mask: np.ndarray  # [T] bool
+    group: str = ""  # rows of one group (e.g. samples of one prompt) stay on one side of a split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.loss_mask[1:].sum())
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, with the think/answer tags as the single ids the model samples.
+
+    Why not `tok.encode(text, allow_special=True)`: that would also turn "<|endoftext|>" or
+    "<|pad|>" written inside a completion into control ids. A tokenizer whose vocabulary has no such
+    tag (a foreign model's) encodes it as ordinary text.
+    """
+    ids: list[int] = []
+    for i, piece in enumerate(_TAG_RE.split(text)):
+        if i % 2 == 1 and piece in tok.special_tokens:
+            ids.append(tok.special_tokens[piece])
+        elif piece:
+            ids.extend(tok.encode(piece, allow_special=False))
+    return ids
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenisation did to the rows: kept, truncated, dropped (and why)."""
+
+    kept: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+    dropped_prompt_too_long: int = 0
+
+
+def render_prompts(tok: Tokenizer, prompts: Sequence[str], template: str | None) -> list[str]:
+    """The prompt text the model sees, rendered as `stages.sampling.encode_prompts` does at sampling
+    time (template None: the prompts are already rendered). An empty question stays empty
+    (rendering would hide the fault) so that tokenisation drops and counts it."""
+    if template is None:
+        return list(prompts)
+    return [tok.render_prompt(p, template) if p.strip() else "" for p in prompts]
+
+
+def tokenize_documents(tok: Tokenizer, texts: Iterable[str],
+                       max_len: int | None) -> tuple[list[Example], TokenizeReport]:
+    """Raw documents for pretraining: `text + <eos>`, loss on every token.
+
+    Args:
+        texts: documents (empty ones are dropped and counted).
+        max_len: truncate each document to this many tokens (None: keep whole, for packing).
+    """
+    report, out = TokenizeReport(), []
+    for text in texts:
+        if not text or not text.strip():
+            report.dropped_empty += 1
+            continue
+        ids = encode_text(tok, text) + [tok.eos_id]
+        if max_len is not None and len(ids) > max_len:
+            ids = ids[:max_len]
+            report.truncated += 1
+        out.append(Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)))
+        report.kept += 1
+    return out, report
+
+
+def tokenize_pairs(tok: Tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                   max_len: int) -> tuple[list[Example], TokenizeReport]:
+    """(prompt, completion) pairs for SFT: `prompt + completion + <eos>`, loss on completion + eos.
+    Each example's `group` is its prompt.
+
+    Prompt and completion are encoded separately, as the sampler sees them (the prompt's ids, then
+    the ids the model wrote), so the boundary token is the one the model must produce. A completion
+    that overruns `max_len` is cut (it still teaches its prefix); a prompt that leaves no room for a
+    single completion token is dropped.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    report, out = TokenizeReport(), []
+    for prompt, completion in zip(prompts, completions):
+        if not prompt or not prompt.strip() or not completion or not completion.strip():
+            report.dropped_empty += 1
+            continue
+        p = encode_text(tok, prompt)
+        c = encode_text(tok, completion) + [tok.eos_id]
+        if len(p) >= max_len:
+            report.dropped_prompt_too_long += 1
+            continue
+        if len(p) + len(c) > max_len:
+            c = c[: max_len - len(p)]
+            report.truncated += 1
+        ids = np.asarray(p + c, dtype=np.int64)
+        mask = np.concatenate([np.zeros(len(p), dtype=bool), np.ones(len(c), dtype=bool)])
+        out.append(Example(ids, mask, prompt))
+        report.kept += 1
+    return out, report
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples (each already ending in eos) and cut the stream into `seq_len` windows.
+
+    GPT-2/nanoGPT-style packing: attention crosses document boundaries inside a window, which the
+    eos separator makes learnable. The ragged tail shorter than a window is dropped.
+    """
+    if not examples:
+        return []
+    ids = np.concatenate([e.ids for e in examples])  # [N]
+    mask = np.concatenate([e.loss_mask for e in examples])  # [N]
+    n = len(ids) // seq_len
+    return [Example(ids[i * seq_len:(i + 1) * seq_len], mask[i * seq_len:(i + 1) * seq_len]) for i in range(n)]
+
+
+def split_holdout(n: int, fraction: float, max_items: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic (train, validation) split of range(n): `fraction` of the rows, at most
+    `max_items`, and never all of them (at least one row stays for training when n >= 2)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = _holdout_size(n, fraction, max_items)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def split_by_group(groups: Sequence[str], fraction: float, max_items: int | None,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `split_holdout`, but rows sharing a group (e.g. two kept samples of one prompt) land on
+    the same side, so the validation loss measures unseen prompts, not a sibling's memorised twin.
+
+    Whole groups, in a seeded order, join the validation side while it holds fewer rows than
+    `split_holdout` would give it; at least one group stays for training.
+    """
+    n = len(groups)
+    k = _holdout_size(n, fraction, max_items)
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    val: list[int] = []
+    for j in np.random.default_rng(seed).permutation(len(keys))[:max(len(keys) - 1, 0)]:
+        if len(val) >= k:
+            break
+        val.extend(members[keys[j]])
+    held = set(val)
+    return np.array([i for i in range(n) if i not in held], dtype=np.int64), np.array(sorted(val), dtype=np.int64)
+
+
+def _holdout_size(n: int, fraction: float, max_items: int | None) -> int:
+    k = int(round(n * fraction))
+    if max_items is not None:
+        k = min(k, max_items)
+    return min(k, max(n - 1, 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class Batch:
+    """A right-padded micro-batch in the layout `lm.logprobs.token_logprobs` takes (unshifted)."""
+
+    ids: Tensor  # [B, T] token ids, pad after each row's end
+    attention: Tensor  # [B, T] bool, True on real tokens
+    loss_mask: Tensor  # [B, T] bool, True on tokens that are prediction targets
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.loss_mask[:, 1:].sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention.sum())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.ids.to(device), self.attention.to(device), self.loss_mask.to(device))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad `examples` to the longest one."""
+    T = max(len(e) for e in examples)
+    ids = np.full((len(examples), T), pad_id, dtype=np.int64)  # [B, T]
+    attention = np.zeros((len(examples), T), dtype=bool)  # [B, T]
+    loss_mask = np.zeros((len(examples), T), dtype=bool)  # [B, T]
+    for r, e in enumerate(examples):
+        ids[r, :len(e)] = e.ids
+        attention[r, :len(e)] = True
+        loss_mask[r, :len(e)] = e.loss_mask
+    loss_mask[:, 0] = False  # nothing predicts the first token
+    return Batch(torch.from_numpy(ids), torch.from_numpy(attention), torch.from_numpy(loss_mask))
+
+
+class BatchPlan:
+    """Which examples form micro-batch m, for any m, as a pure function of (seed, m).
+
+    Each epoch shuffles the examples, sorts them by length inside pools of `pool` batches (so the
+    rows of a batch have similar lengths and little padding, as torchtext's BucketIterator does),
+    cuts batches and shuffles their order. Every epoch has the same number of batches
+    (`batches_per_epoch`; the last may be smaller), so micro-batch m lives in epoch
+    m // batches_per_epoch. Nothing depends on what came before: resuming at step s needs only s.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, pool: int = 8) -> None:
+        if len(lengths) == 0:
+            raise ValueError("no training examples")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pool = pool
+        self.batches_per_epoch = math.ceil(len(self.lengths) / batch_size)
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.pool
+        pools = [order[i:i + span] for i in range(0, len(order), span)]
+        order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in pools])
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def micro_batch(self, m: int) -> np.ndarray:
+        """Indices of the examples in global micro-batch m."""
+        epoch, i = divmod(m, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[i]
+
+    def step(self, step: int, grad_accum: int) -> list[np.ndarray]:
+        """Example indices of each micro-batch of optimizer step `step`."""
+        return [self.micro_batch(step * grad_accum + j) for j in range(grad_accum)]
+
+
+def steps_for_epochs(n_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
+    """Optimizer steps that cover `epochs` passes over `n_examples` (at least one)."""
+    micro = math.ceil(n_examples / batch_size) * epochs
+    return max(1, math.ceil(micro / grad_accum))
+
+
+def fixed_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[Batch]:
+    """Examples in length order cut into batches, for validation (where order does not matter)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    return [collate([examples[i] for i in order[j:j + batch_size]], pad_id)
+            for j in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+# A loss function maps (model, batch) to the loss summed over the batch's target tokens.
+LossFn = Callable[[Transformer, Batch], Tensor]
+
+
+def lm_loss_sum(model: Transformer, batch: Batch) -> Tensor:
+    """Next-token cross-entropy summed over the batch's target tokens: -sum log p(target).
+
+    Computed with `lm.logprobs.token_logprobs`, which projects only the rows that predict a target
+    onto the vocabulary (the prompt rows of an SFT batch cost nothing there, and a 49k vocabulary
+    never materialises [B, T, V]). The caller divides by the step's target count.
+    """
+    logp = token_logprobs(model, batch.ids, batch.attention, batch.loss_mask)  # [B, T], 0 off-target
+    return -logp.sum()
+
+
+def distill_loss_sum(student: Transformer, teacher: Transformer, batch: Batch, *, kd_weight: float,
+                     temperature: float) -> Tensor:
+    """Cross-entropy on the teacher's sampled tokens plus kd_weight x token-level KD, summed.
+
+    Sequence-level distillation (Kim & Rush 2016; R1's distillation, sec. 2.4) is the
+    cross-entropy term: SFT on the teacher's outputs. The token-level term is Hinton et al.'s
+    (2015) soft-target loss, KL(p_teacher^T || p_student^T) * T^2 at each target position: the
+    T^2 keeps its gradient scale independent of T. It needs one vocabulary for both models and,
+    when on, projects all target rows at once ([N, V] for each model): fine for the small
+    vocabularies it runs with on a CPU, to be chunked like `token_logprobs` for 50k vocabularies.
+    """
+    if kd_weight == 0:
+        return lm_loss_sum(student, batch)  # chunked: no [N, V] tensor at all
+    score = batch.loss_mask.clone()  # [B, T]
+    score[:, 0] = False
+    rows = score[:, 1:]  # [B, T-1] positions t whose next token is a target
+    targets = batch.ids[:, 1:][rows]  # [N]
+    h_s = student(batch.ids, return_hidden=True)[:, :-1][rows]  # [N, D_s]
+    logits_s = student.logits(h_s).float()  # [N, V]
+    ce = F.cross_entropy(logits_s, targets, reduction="sum")
+    with torch.no_grad():
+        h_t = teacher(batch.ids, return_hidden=True)[:, :-1][rows]  # [N, D_t]
+        logits_t = teacher.logits(h_t).float()  # [N, V]
+    return ce + kd_weight * kd_kl_sum(logits_s, logits_t, temperature)
+
+
+def kd_kl_sum(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """sum over rows of KL(softmax(teacher/T) || softmax(student/T)) * T^2 (Hinton et al. 2015).
+
+    Args:
+        student_logits, teacher_logits: [N, V] over the same vocabulary.
+        temperature: T > 0.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: token-level KD needs one vocabulary")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # [N, V]
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [N]
+    return kl.sum() * temperature ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The step and validation
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean loss per target token over the whole step
+    grad_norm: float  # before clipping
+    tokens: int  # real tokens processed (prompt tokens included)
+    targets: int  # tokens that carried loss
+
+
+def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
+                   loss_fn: LossFn, *, clip: float, autocast: bool, device: str, step: int) -> StepStats:
+    """One optimizer step over `batches` (its micro-batches): accumulate, clip, guard, update.
+
+    Each micro-batch's summed loss is divided by the target count of the whole step, so the
+    accumulated gradient is that of the per-token mean over every micro-batch: exactly the
+    gradient of one batch holding them all (unlike averaging per-micro-batch means, which weights
+    short micro-batches up). A NaN/inf loss or gradient norm raises `NonFiniteError` before the
+    update, so no bad step reaches the weights or a resume checkpoint.
+    """
+    n_targets = sum(b.n_targets for b in batches)
+    if n_targets == 0:
+        raise ValueError(f"step {step}: no target tokens in the batch")
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in batches:
+        with autocast_context(device, "bf16" if autocast else "fp32"):
+            loss = loss_fn(model, batch.to(device)) / n_targets
+        loss.backward()
+        total += float(loss.detach())
+    check_finite("loss", total, step)
+    grad_norm = clip_grad(model, clip)
+    check_finite("grad_norm", grad_norm, step)
+    optimizer.step()
+    return StepStats(total, grad_norm, sum(b.n_tokens for b in batches), n_targets)
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, batches: Sequence[Batch], *, autocast: bool, device: str) -> float:
+    """Mean loss per target token over `batches` (NaN when there are none)."""
+    total, n = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        with autocast_context(device, "bf16" if autocast else "fp32"):
+            total += float(lm_loss_sum(model, batch.to(device)))
+        n += batch.n_targets
+    model.train(was_training)
+    return total / n if n else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, metrics, resume
+
+
+def new_model(preset: str, vocab_size: int, seed: int) -> Transformer:
+    """A freshly initialised `Transformer` of an lm preset, its vocabulary the tokenizer's size,
+    its weights a function of `seed` alone."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; the presets are: {', '.join(MODEL_PRESETS)}")
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(MODEL_PRESETS[preset], vocab_size=vocab_size))
+
+
+def lr_schedule(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Peak `lr` times `lm.train.lr_at`: linear warmup, then cosine decay to min_ratio * lr."""
+    return lr * lr_at(step, warmup, total, min_ratio)
+
+
+METRICS_FIELDS: list[pa.Field] = [
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("value", pa.float64()),
+]
+METRICS_SCHEMA = pa.schema(METRICS_FIELDS)
+
+
+@dataclass
+class Metrics:
+    """Rows of (step, name, value), kept as plain data so they travel in the resume state."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, step: int, **values: float) -> None:
+        self.rows.extend({"step": int(step), "name": k, "value": float(v)} for k, v in values.items())
+
+    def last(self, name: str) -> float | None:
+        return next((r["value"] for r in reversed(self.rows) if r["name"] == name), None)
+
+    def tail_mean(self, name: str, n: int) -> float | None:
+        """Mean of the last n values of `name` (a smoothed "final" loss)."""
+        vals = [r["value"] for r in self.rows if r["name"] == name][-n:]
+        return sum(vals) / len(vals) if vals else None
+
+    def table(self, **constant_columns: str) -> pa.Table:
+        """A Parquet-ready table; `constant_columns` (e.g. student="tiny-student") go first."""
+        schema = pa.schema([pa.field(k, pa.string(), nullable=False) for k in constant_columns] + METRICS_FIELDS)
+        rows = [{**constant_columns, **r} for r in self.rows]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+_LATEST = "LATEST"
+_WEIGHTS = "weights.safetensors"
+
+
+def save_resume(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int,
+                metrics: Metrics) -> None:
+    """Save everything a resumed run needs to continue as if never stopped, into `directory`.
+
+    Each save is a fresh `step-<n>/` folder (weights with any LoRA adapters as they are, plus
+    `lm.checkpoint.save_training_state`: optimizer moments, step, RNG states, metrics so far); the
+    `LATEST` pointer is replaced atomically only after it is complete, then older folders go. A
+    crash at any point leaves the previous complete state as the one `load_resume` finds.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    target = directory / name
+    save_training_state(target / "state", optimizer, step, extra={"metrics": metrics.rows})
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = target / f".{_WEIGHTS}.tmp"
+    tmp.write_bytes(st_save(sd))
+    os.replace(tmp, target / _WEIGHTS)
+    atomic_write_text(directory / _LATEST, name)
+    for old in directory.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume(directory: Path | None, model: Transformer,
+                optimizer: torch.optim.Optimizer) -> tuple[int, Metrics] | None:
+    """Restore the latest state `save_resume` wrote; None when there is none (a fresh start).
+
+    Returns:
+        (the number of steps already done, the metrics rows logged so far).
+    """
+    if directory is None or not (directory / _LATEST).is_file():
+        return None
+    target = directory / (directory / _LATEST).read_text().strip()
+    weights = read_safetensors(target / _WEIGHTS)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"resume state {target} does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; delete {directory} to start over")
+    state = load_training_state(target / "state", optimizer)
+    return state["step"], Metrics(list(state["extra"].get("metrics", [])))
+
+
+def resume_dir(ctx: StageContext, name: str) -> Path | None:
+    """Where one training run of a stage keeps its resume state (None: the context has no run_dir)."""
+    return None if ctx.run_dir is None else Path(ctx.run_dir) / name
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading training data
+
+
+def read_text_columns(path: Path, columns: Sequence[str], what: str) -> dict[str, list[str]]:
+    """String columns of a Parquet file, with errors that say which file and what is wrong.
+
+    Raises:
+        ArtifactError: the file is missing, not Parquet, or lacks a column (or has it mistyped).
+        ValueError: the file has no rows (`what` names the stage input, for the message).
+    """
+    schema = pa.schema([pa.field(c, pa.string()) for c in columns])
+    table = read_table(path, schema, columns=list(columns))
+    if table.num_rows == 0:
+        raise ValueError(f"{path} has no rows: {what} needs at least one")
+    return {c: [v if v is not None else "" for v in table.column(c).to_pylist()] for c in columns}
+
+
+def read_pairs(path: Path, tok: Tokenizer, template: str | None, seq_len: int,
+               what: str) -> tuple[list[Example], TokenizeReport]:
+    """The (prompt, completion) rows of a Parquet file as training examples (prompts rendered with
+    `template`), with errors that name the file: missing columns, no rows, no usable row."""
+    cols = read_text_columns(path, ["prompt", "completion"], what)
+    prompts = render_prompts(tok, cols["prompt"], template)
+    examples, report = tokenize_pairs(tok, prompts, cols["completion"], seq_len)
+    if not examples:
+        raise ValueError(f"{path}: none of its {len(prompts)} rows is usable for {what} ({report})")
+    return examples, report

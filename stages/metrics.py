@@ -1,0 +1,99 @@
+"""Evaluation metrics over k sampled completions per problem: pass@k, maj@k, pass@1.
+
+Where from:
+- pass@k is the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained
+  on Code", eq. 1): with n samples of which c are correct,
+  pass@k = 1 - C(n-c, k) / C(n, k), averaged over problems. The binomials overflow for large n,
+  so it is computed as their numpy code does, as a running product:
+  C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i).
+- pass@1 as DeepSeek-R1 reports it (DeepSeek-AI 2025, sec. 3.1): k samples per problem at a
+  non-zero temperature (0.6, top-p 0.95), pass@1 = (1/k) sum_i p_i, the mean correctness. It equals
+  the estimator above with k = 1.
+- maj@k (self-consistency, Wang et al. 2023; R1's "cons@64"): the majority answer among k
+  samples decides the problem. R1 does not say how ties break; here they break towards the answer
+  that appears FIRST in sample order (deterministic, and independent of how answers sort as
+  strings). Samples with no extractable answer do not vote; if none votes, the problem counts as
+  wrong.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1).
+
+    Args:
+        n: samples drawn for the problem.
+        c: how many of them are correct, 0 <= c <= n.
+        k: the k of pass@k, 1 <= k <= n.
+
+    Returns:
+        The probability that at least one of k samples drawn without replacement from the n is
+        correct, in [0, 1].
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): no factorials, no overflow.
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
+    """pass@k averaged over problems, each given as (n samples, c correct)."""
+    if not counts:
+        raise ValueError("mean_pass_at_k needs at least one problem")
+    return float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
+
+
+def pass_at_1(correct: Sequence[bool]) -> float:
+    """R1's pass@1 for one problem: the mean correctness of its k samples."""
+    if not correct:
+        raise ValueError("pass_at_1 needs at least one sample")
+    return float(np.mean(np.asarray(correct, dtype=np.float64)))
+
+
+def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
+    """The most frequent non-None answer; a tie goes to the answer that appears first.
+
+    Args:
+        answers: one (normalised) answer per sample, in sample order; None = no answer.
+
+    Returns:
+        The winning answer, or None if no sample has one.
+    """
+    counts: dict[Hashable, int] = {}
+    for a in answers:  # dicts keep insertion order: the first occurrence fixes the tie order
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a, c in counts.items() if c == best)
+
+
+def maj_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int) -> bool:
+    """Whether the majority answer of the first k samples is correct.
+
+    Args:
+        answers: normalised answer per sample (None = none extracted), in sample order.
+        correct: whether each sample is correct, aligned with `answers`.
+        k: how many of the samples vote (the first k).
+
+    Returns:
+        The correctness of the first sample that gave the winning answer (samples with equal
+        normalised answers are graded alike); False when no sample gave an answer.
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"need 1 <= k <= {len(answers)}, got k={k}")
+    winner = majority_vote(answers[:k])
+    if winner is None:
+        return False
+    return bool(next(ok for a, ok in zip(answers[:k], correct[:k]) if a == winner))

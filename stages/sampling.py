@@ -1,0 +1,256 @@
+"""Sampling shared by cold_start, rejection_sampling and evaluate: n completions per prompt, batched.
+
+Each question is rendered with the tokenizer's chat template (the stage's `template` field,
+CONTRACTS "Stage wiring") and encoded the way the training stages encode prompts
+(`stages.lm_training.encode_text`: the think/answer tags as their single ids, any other special
+string as plain text). The (question, sample) requests are sorted by prompt length, so a batch
+holds prompts of similar length and left padding wastes little, then cut into batches of
+`batch_size`; batch b is generated with seed `seed + b`. The result is therefore a pure function of
+(model, questions, n, params, batch_size, seed): the same config and seed give the same samples.
+
+The sampler is injected: stages build a `lm.sampler.TorchSampler` through `torch_sampler`, tests
+pass any object with the `lm.sampler.Sampler` interface (a scripted fake), so the filters and the
+bookkeeping downstream are testable without a trained model.
+
+Also here, because every model-sampling stage needs it (the GRPO stages use it too): reading a
+split of problems.parquet (`read_problems`), seeded prompt subsets (`choose`), per-stage seed
+streams (`stage_seed`), loading a checkpoint without unpickling (`load_policy`), and the
+train-prompt sampling loop of cold_start and rejection_sampling (`sample_train_rows`).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lm.sampler import Generation, Sampler, SamplingParams, completion_text
+from lm.tokenizer import ANSWER_END, Tokenizer
+from stages.lm_training import encode_text
+
+SamplerFactory = Callable[[Any, Tokenizer, int], Sampler]
+"""(model, tokenizer, batch_size) -> Sampler; stages take one so tests can inject a fake."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion of question `prompt_index`.
+
+    Attributes:
+        prompt_index: index into the questions passed to `sample_completions`.
+        sample: 0..n-1, the sample's number for its question.
+        text: the decoded completion (without a final end-of-text token).
+        n_tokens: generated tokens, the stop token included.
+        finish_reason: "stop" (end-of-text or a stop token) or "length" (cut at max_new_tokens).
+    """
+
+    prompt_index: int
+    sample: int
+    text: str
+    n_tokens: int
+    finish_reason: str
+
+
+def stage_seed(seed: int, stream: str) -> int:
+    """A reproducible 63-bit seed for one random stream of a stage (e.g. "cold_start")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
+
+
+def sampling_params(tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float,
+                    stop_at_answer: bool = True) -> SamplingParams:
+    """SamplingParams for R1-format completions.
+
+    With `stop_at_answer`, generation also stops after "</answer>" (its single id when the
+    tokenizer has one, else the string): nothing after the answer is graded, and on a CPU the
+    tokens a model would ramble on for are the dominant cost.
+    """
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    if stop_at_answer:
+        if ANSWER_END in tokenizer.special_tokens:
+            stop_ids = (tokenizer.special_tokens[ANSWER_END],)
+        else:
+            stop_strings = (ANSWER_END,)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          stop_token_ids=stop_ids, stop_strings=stop_strings)
+
+
+def torch_sampler(model: Any, tokenizer: Tokenizer, batch_size: int) -> Sampler:
+    """The default SamplerFactory: lm's TorchSampler with one KV cache sized for `batch_size`."""
+    from lm.sampler import TorchSampler
+
+    model.eval()
+    return TorchSampler(model, tokenizer, max_batch_size=batch_size)
+
+
+def encode_prompts(tokenizer: Tokenizer, questions: Sequence[str], template: str) -> list[list[int]]:
+    """Token ids of each question rendered with the chat template."""
+    return [encode_text(tokenizer, tokenizer.render_prompt(q, template)) for q in questions]
+
+
+def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
+                         names: Sequence[str] | None = None) -> None:
+    """Raise a clear error if a prompt leaves less than max_new_tokens of the context window."""
+    room = max_seq_len - max_new_tokens
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > room:
+            who = names[i] if names is not None else f"#{i}"
+            raise ValueError(f"prompt {who} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"it exceeds the model's max_seq_len {max_seq_len}: lower max_new_tokens "
+                             f"or shorten the problems")
+
+
+def sample_completions(
+    sampler: Sampler,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    n: int,
+    params: SamplingParams,
+    batch_size: int,
+    seed: int,
+    progress: Callable[..., Iterable[Any]] | None = None,
+    desc: str = "sampling",
+) -> list[list[Completion]]:
+    """n completions for each encoded prompt, generated in batches.
+
+    Args:
+        sampler: anything with `generate(prompts, params, seed) -> list[Generation]`.
+        tokenizer: decodes the generated ids.
+        prompt_ids: one encoded prompt per question (see `encode_prompts`).
+        n: samples per prompt.
+        params: sampling parameters (temperature 0 = greedy, then n = 1 is enough).
+        batch_size: rows per `generate` call.
+        seed: batch b uses seed + b.
+        progress: wraps the batch iterator (ctx.progress), optional.
+
+    Returns:
+        result[i][j] = sample j of prompt i.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    requests = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
+    requests.sort(key=lambda r: len(prompt_ids[r[0]]))  # stable: ties keep (prompt, sample) order
+    batches = [requests[s:s + batch_size] for s in range(0, len(requests), batch_size)]
+    it: Iterable[tuple[int, list[tuple[int, int]]]] = enumerate(batches)
+    if progress is not None:
+        it = progress(it, desc=desc, total=len(batches))
+    out: list[list[Completion | None]] = [[None] * n for _ in prompt_ids]
+    for b, batch in it:
+        gens = sampler.generate([list(prompt_ids[i]) for i, _ in batch], params, seed + b)
+        if len(gens) != len(batch):
+            raise RuntimeError(f"sampler returned {len(gens)} generations for {len(batch)} prompts")
+        for (i, j), g in zip(batch, gens):
+            out[i][j] = _completion(tokenizer, g, i, j)
+    return out  # type: ignore[return-value]  # every slot filled above
+
+
+def _completion(tokenizer: Tokenizer, g: Generation, i: int, j: int) -> Completion:
+    return Completion(prompt_index=i, sample=j, text=completion_text(tokenizer, g),
+                      n_tokens=len(g.token_ids), finish_reason=g.finish_reason)
+
+
+def find_checkpoint(directory: Path) -> Path:
+    """The lm checkpoint directory inside a stage artifact: `<dir>/checkpoint` if present, else
+    `<dir>` itself (distill's students/<name>/ may be either)."""
+    directory = Path(directory)
+    inner = directory / "checkpoint"
+    return inner if inner.is_dir() else directory
+
+
+# ------------------------------------------------------------------------- shared stage plumbing
+
+PROBLEM_COLUMNS = ("id", "prompt", "answer", "split", "language")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The fields of a problems.parquet row the sampling stages use."""
+
+    id: str
+    prompt: str
+    answer: str
+    language: str
+
+
+def read_problems(problems_dir: Path, split: str) -> list[Problem]:
+    """The problems of one split, in file order, from the problems artifact directory.
+
+    Raises ArtifactError (naming the file and the missing column) on a malformed file, and
+    ValueError when the split is empty.
+    """
+    import pyarrow as pa
+
+    from artifacts.store import read_table
+
+    schema = pa.schema([(c, pa.string()) for c in PROBLEM_COLUMNS])
+    table = read_table(Path(problems_dir) / "problems.parquet", schema, columns=list(PROBLEM_COLUMNS))
+    rows = [Problem(r["id"], r["prompt"], r["answer"], r["language"])
+            for r in table.to_pylist() if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{problems_dir}/problems.parquet has no {split!r} problems")
+    return rows
+
+
+def choose(n_total: int, max_n: int | None, seed: int) -> list[int]:
+    """Indices of a seeded random subset of size max_n (all when None or larger), in order."""
+    import numpy as np
+
+    if max_n is None or max_n >= n_total:
+        return list(range(n_total))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_total, size=max_n, replace=False))
+
+
+def load_policy(checkpoint_dir: Path, device: str, dtype: str) -> tuple[Any, Tokenizer]:
+    """Model and tokenizer of an lm checkpoint (safetensors + JSON: nothing is unpickled)."""
+    from lm.checkpoint import load_checkpoint
+
+    where = find_checkpoint(checkpoint_dir)
+    model, tokenizer, _meta = load_checkpoint(where, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {where} has no tokenizer/: cannot render prompts or decode samples")
+    return model, tokenizer
+
+
+class TrainSamplingConfig(Protocol):
+    """The Config fields cold_start and rejection_sampling share (both Configs have them)."""
+
+    template: str
+    max_prompts: int | None
+    samples_per_prompt: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_at_answer: bool
+    batch_size: int
+    seed_offset: int
+
+
+def sample_train_rows(cfg: TrainSamplingConfig, checkpoint_dir: Path, problems_dir: Path, ctx: Any,
+                      sampler_factory: SamplerFactory, *, stage: str, origin: str) -> tuple[list[dict[str, Any]], int]:
+    """`samples_per_prompt` completions for each of a seeded subset of train prompts.
+
+    Returns candidate rows (problem_id, prompt, completion, answer, language, sample, n_tokens,
+    finish_reason, origin) in (prompt, sample) order, and the number of prompts sampled.
+    """
+    problems = read_problems(problems_dir, "train")
+    seed = stage_seed(ctx.seed + cfg.seed_offset, stage)
+    chosen = [problems[i] for i in choose(len(problems), cfg.max_prompts, seed)]
+    model, tok = load_policy(checkpoint_dir, ctx.device, ctx.dtype)
+    ids = encode_prompts(tok, [p.prompt for p in chosen], cfg.template)
+    check_prompt_lengths(ids, cfg.max_new_tokens, model.config.max_seq_len, [p.id for p in chosen])
+    params = sampling_params(tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, stop_at_answer=cfg.stop_at_answer)
+    ctx.log(f"{stage}: sampling {cfg.samples_per_prompt} x {len(chosen)} prompts from {origin}")
+    samples = sample_completions(sampler_factory(model, tok, cfg.batch_size), tok, ids,
+                                 n=cfg.samples_per_prompt, params=params, batch_size=cfg.batch_size,
+                                 seed=seed, progress=ctx.progress, desc=f"{stage} sampling")
+    rows = [{"problem_id": p.id, "prompt": p.prompt, "completion": c.text, "answer": p.answer,
+             "language": p.language, "sample": c.sample, "n_tokens": c.n_tokens,
+             "finish_reason": c.finish_reason, "origin": origin}
+            for p, per_prompt in zip(chosen, samples) for c in per_prompt]
+    return rows, len(chosen)

@@ -1,0 +1,50 @@
+"""Shared fixtures. Prefect's ephemeral test server takes ~10 s to start: one per session."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Same config + seed -> same artifacts, even if the source tree is edited mid-session.
+os.environ.setdefault("R1FLOW_CODE_VERSION", "tests")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def micro_run(prefect_harness, tmp_path_factory):
+    """The full flow on the `micro` preset, run once per session: (root, run_id, run --json)."""
+    import json
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("micro-root")
+    buf = StringIO()
+    with redirect_stdout(buf):
+        code = main(["run", "--preset", "micro", "--root", str(root), "--run-id", "micro-1", "--json"])
+    assert code == 0, buf.getvalue()
+    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return root, "micro-1", summary
+
+
+@pytest.fixture
+def micro_copy(micro_run, tmp_path):
+    """A private copy of the micro run's root, for tests that change or break it."""
+    root, run_id, _ = micro_run
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    # Run records hold absolute artifact paths: point them at the copy.
+    runs = copy / "runs"
+    for rec in runs.glob("*/run.json"):
+        rec.write_text(rec.read_text().replace(str(root), str(copy)))
+    return copy, run_id

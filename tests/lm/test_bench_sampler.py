@@ -1,0 +1,19 @@
+"""bench/sampler.py runs with the issue's flags and ends with one JSON line (tiny sizes here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_sampler_prints_json_last():
+    cmd = [sys.executable, str(ROOT / "bench" / "sampler.py"), "--d-model", "32", "--layers", "1", "--heads", "4",
+           "--kv-heads", "2", "--ffn", "64", "--vocab", "64", "--batch", "2", "--prompt-len", "3",
+           "--new-tokens", "5", "--threads", "1", "--repeats", "1", "--skip-transformers"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["tokens_per_s"] > 0 and result["tokens_per_s_no_cache"] > 0
+    assert result["batch"] == 2 and result["new_tokens"] == 5

@@ -1,0 +1,83 @@
+import pytest
+
+from pipeline.config import (
+    STAGES,
+    ConfigError,
+    apply_overrides,
+    available_presets,
+    load_config,
+    load_raw,
+    parse_value,
+    validate,
+)
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_shipped_preset_loads_and_validates(preset):
+    cfg = load_config(preset)
+    assert set(cfg.stages) == set(STAGES)
+    assert cfg.to_dict()["run"]["seed"] == cfg.run.seed
+
+
+def test_presets_include_the_documented_ones():
+    assert {"tiny", "micro", "smollm2-135m"} <= set(available_presets())
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; available presets: .*micro"):
+        load_raw("huge")
+
+
+def test_malformed_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sft\nlr = ")
+    with pytest.raises(ConfigError, match="bad.toml is malformed"):
+        load_raw("micro", bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_raw("micro", tmp_path / "missing.toml")
+
+
+def test_user_file_merges_over_preset(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text("[run]\nseed = 7\n")
+    assert load_config("micro", f).run.seed == 7
+
+
+def test_unknown_section_and_key_are_named():
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['sftt'\]"):
+        validate({"sftt": {}})
+    with pytest.raises(ConfigError, match="problems.bogus: unknown key"):
+        validate({"problems": {"bogus": 1}}, stages=("problems",))
+
+
+def test_bad_value_is_named_with_what_was_given():
+    raw = apply_overrides({}, ["run.seed=abc"])
+    with pytest.raises(ConfigError, match=r"run.seed: .*integer.*\(got 'abc'\)"):
+        validate(raw, stages=())
+    with pytest.raises(ConfigError, match="run.dtype"):
+        validate({"run": {"dtype": "fp8"}}, stages=())
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e-4", 1e-4), ("3", 3), ("true", True), ("[1, 2]", [1, 2]), ('"x y"', "x y"),
+    ("synthetic", "synthetic"), ('[{"name": "s", "model": "s"}]', [{"name": "s", "model": "s"}]),
+])
+def test_set_values_parse_as_toml_then_json_then_string(text, value):
+    assert parse_value(text) == value
+
+
+@pytest.mark.parametrize("item, message", [
+    ("sft.lr", "expected stage.key=value"),
+    ("lr=1", "expected stage.key=value"),
+    ("nostage.lr=1", "unknown stage 'nostage'"),
+])
+def test_malformed_overrides(item, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides({}, [item])
+
+
+def test_overrides_apply_and_validate():
+    cfg = load_config("micro", overrides=["run.seed=5", "sft.lr=0.002"])
+    assert cfg.run.seed == 5 and cfg.stage("sft").lr == 0.002
+    with pytest.raises(ConfigError, match="sft.nope: unknown key"):
+        load_config("micro", overrides=["sft.nope=1"])

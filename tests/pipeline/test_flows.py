@@ -1,0 +1,96 @@
+"""The full flow under Prefect (one session-scoped test harness), on the `micro` preset."""
+import json
+from contextlib import redirect_stdout
+from io import StringIO
+
+import pytest
+
+from artifacts import RunStore, verify
+from pipeline.cli import main
+from pipeline.config import STAGES
+from pipeline.inspect import inspect_dataset, resolve
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _cli(*args):
+    buf = StringIO()
+    with redirect_stdout(buf):
+        code = main(list(args))
+    return code, buf.getvalue()
+
+
+def test_full_flow_on_micro_preset(micro_run):
+    root, run_id, summary = micro_run
+    assert summary["run_id"] == run_id and summary["status"] == "succeeded"
+    assert list(summary["stages"]) == list(STAGES)
+    record = RunStore(root).load(run_id)
+    for name in STAGES:
+        entry = record.stages[name]
+        assert entry.status == "ran", (name, entry)
+        manifest = verify(entry.path)  # every artifact complete and uncorrupted
+        assert manifest.stage == name
+        for dataset in manifest.rows:  # every dataset opens with `inspect`
+            info = inspect_dataset(resolve(f"{run_id}/{name}/{dataset}", root), rows=2)
+            assert info["rows"] == manifest.rows[dataset]
+    ev = record.stages["evaluate"].summary
+    for ckpt in ("base", "rl_zero", "sft", "rl_reasoning"):
+        assert 0.0 <= ev[ckpt]["pass@1"] <= 1.0 and ev[ckpt]["params"] > 0
+
+
+def test_second_identical_run_reuses_every_stage(micro_run):
+    root, _, _ = micro_run
+    code, out = _cli("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-2", "--json")
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {s["status"] for s in summary["stages"].values()} == {"cached"}
+    first = RunStore(root).load("micro-1")
+    assert all(summary["stages"][n]["path"] == first.stages[n].path for n in STAGES)
+
+
+def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
+    root, run_id = micro_copy
+    before = RunStore(root).load(run_id)
+    code, _ = _cli("stage", "sft", "--run", run_id, "--root", str(root), "--set", "sft.lr=0.0007")
+    assert code == 0
+    after = RunStore(root).load(run_id)
+    assert after.stages["sft"].status == "ran"
+    assert after.stages["sft"].path != before.stages["sft"].path
+    assert after.config["sft"]["lr"] == 0.0007
+    for up in ("problems", "base", "rl_zero", "cold_start"):
+        assert after.stages[up] == before.stages[up]  # upstream untouched
+    for down in ("rl_reasoning", "rejection_sampling", "distill", "evaluate"):
+        assert after.stages[down].status == "stale"
+    code, out = _cli("runs", "--root", str(root))
+    assert "stale" in out
+
+
+def test_cached_stage_rerun_and_force(micro_copy):
+    root, run_id = micro_copy
+    code, _ = _cli("stage", "cold_start", "--run", run_id, "--root", str(root))
+    assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "cached"
+    code, _ = _cli("stage", "cold_start", "--run", run_id, "--root", str(root), "--force")
+    assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "ran"
+
+
+def test_corrupt_upstream_artifact_is_named(micro_copy, capsys):
+    root, run_id = micro_copy
+    record = RunStore(root).load(run_id)
+    from pathlib import Path
+
+    data = Path(record.stages["cold_start"].path) / "cold_start.parquet"
+    data.write_bytes(data.read_bytes()[:-7] + b"garbage")
+    code, _ = _cli("stage", "sft", "--run", run_id, "--root", str(root), "--force")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "upstream cold_start artifact is unusable" in err and "corrupt" in err
+
+
+def test_report_writes_markdown_and_plots(micro_run, tmp_path):
+    root, run_id, _ = micro_run
+    code, out = _cli("report", run_id, "--root", str(root), "--out", str(tmp_path))
+    assert code == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Evaluation" in md and "| rl_zero |" in md
+    assert (tmp_path / "rl_curves.png").stat().st_size > 5000
+    assert (tmp_path / "eval.png").stat().st_size > 5000

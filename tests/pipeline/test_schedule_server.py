@@ -1,0 +1,101 @@
+"""Scheduled distillation against a real local Prefect server (SQLite in a temp dir).
+
+Starts `prefect server start` on a free loopback port, creates the distill deployment with a cron
+schedule through `r1flow schedule`, triggers a run with `prefect deployment run`, serves it with
+`r1flow serve`, and waits for the student checkpoint to appear in the teacher's run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from artifacts import RunStore, verify
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server at {url} not healthy after {timeout}s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
+    root, teacher = micro_copy
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+               PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               R1FLOW_CODE_VERSION=os.environ["R1FLOW_CODE_VERSION"])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    serve = None
+    try:
+        _wait_healthy(api, server, timeout=120)
+        r1flow = [sys.executable, "-m", "pipeline.cli"]
+        sched = subprocess.run(
+            [*r1flow, "schedule", "distill", "--teacher", teacher, "--student", "micro", "--cron", "0 3 * * *",
+             "--name", "nightly", "--set", "distill.steps=3", "--root", str(root)],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert sched.returncode == 0, sched.stderr
+        assert "distill/nightly" in sched.stdout
+
+        trigger = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "distill/nightly"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+
+        before = RunStore(root).load(teacher).stages["distill"].path
+        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 300
+        entry = None
+        while time.time() < deadline:
+            entry = RunStore(root).load(teacher).stages["distill"]
+            if entry.path != before and entry.status == "ran":
+                break
+            time.sleep(1)
+        assert entry is not None and entry.path != before and entry.status == "ran", entry
+        verify(entry.path)
+        assert (Path(entry.path) / "students" / "micro").is_dir()
+        record = RunStore(root).load(teacher)
+        assert record.config["distill"]["steps"] == 3
+        assert record.stages["evaluate"].status == "stale"  # downstream of the new students
+    finally:
+        if serve is not None:
+            _stop(serve)
+        _stop(server)
