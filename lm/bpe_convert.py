@@ -28,7 +28,6 @@ How the conversion works, and where it departs from the reference tokenizers:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Sequence
@@ -216,8 +215,7 @@ def make_tokenizer(bpe: ConvertedBPE, *, bos_id: int | None = None, eos_id: int 
     """A `Tokenizer` over a converted vocabulary, carrying the model's BOS setting and chat template.
 
     Bytes the vocabulary lacks (`DROPPED`) encode to `unknown_id`, else to the end-of-text id (see
-    the module docstring). `add_bos` and `chat_template` go to the constructor when it takes
-    them, else they are set as attributes of the same names.
+    the module docstring).
     """
     id_map = bpe.id_map
     if id_map is not None and DROPPED in id_map:
@@ -228,11 +226,5 @@ def make_tokenizer(bpe: ConvertedBPE, *, bos_id: int | None = None, eos_id: int 
             raise BPEConversionError("the vocabulary lacks some bytes and has no unknown or end-of-text "
                                      "token to encode them as")
         id_map = tuple(fallback if i == DROPPED else i for i in id_map)
-    extras = {"add_bos": add_bos, "chat_template": chat_template}
-    accepted = inspect.signature(Tokenizer.__init__).parameters
-    tok = Tokenizer(bpe.encoding, bpe.special_tokens, id_map=id_map, bos_id=bos_id, eos_id=eos_id,
-                    pad_id=pad_id, **{k: v for k, v in extras.items() if k in accepted})
-    for key, value in extras.items():
-        if key not in accepted:
-            setattr(tok, key, value)
-    return tok
+    return Tokenizer(bpe.encoding, bpe.special_tokens, id_map=id_map, bos_id=bos_id, eos_id=eos_id,
+                     pad_id=pad_id, add_bos=add_bos, chat_template=chat_template)

@@ -72,8 +72,11 @@ class Tokenizer:
 
     def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int] | None = None, *,
                  id_map: Sequence[int] | np.ndarray | None = None, bos_id: int | None = None,
-                 eos_id: int | None = None, pad_id: int | None = None, source: str | None = None) -> None:
+                 eos_id: int | None = None, pad_id: int | None = None, source: str | None = None,
+                 add_bos: bool = False, chat_template: str | None = None) -> None:
         self.encoding = encoding
+        self.add_bos = add_bos  # the model expects a BOS token before a raw prompt
+        self.chat_template = chat_template  # the model's own Jinja chat template, if it has one
         self.special_tokens: dict[str, int] = dict(special_tokens or {})
         self.source = source
         self._id_map: np.ndarray | None = None
@@ -155,7 +158,17 @@ class Tokenizer:
     # ---- prompts -------------------------------------------------------------------------------
 
     def render_prompt(self, question: str, template: str = "r1_zero") -> str:
-        """The chat prompt for `question`, ending with "Assistant:" (the completion follows)."""
+        """The prompt for `question` under a named template; the completion follows it.
+
+        `"chat"` wraps R1-Zero's instruction and the question in the model's own chat template (for
+        instruct-tuned models such as SmolLM2-Instruct); the others end with "Assistant:".
+        """
+        if template == "chat":
+            if not self.chat_template:
+                raise KeyError("template 'chat' needs a tokenizer with its own chat template; this one has none")
+            from lm.chat_template import render_r1_chat
+
+            return render_r1_chat(self.chat_template, question)
         if template not in TEMPLATES:
             raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
         return TEMPLATES[template].replace("{question}", question.strip())
@@ -175,6 +188,7 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
             "has_id_map": self._id_map is not None,
+            "add_bos": self.add_bos, "chat_template": self.chat_template,
         }
         if self.source is None:
             write_rank_file(d / _RANKS_FILE, self.encoding._mergeable_ranks)
@@ -198,7 +212,8 @@ class Tokenizer:
                                          mergeable_ranks=read_rank_file(d / _RANKS_FILE), special_tokens={})
         id_map = json.loads((d / _ID_MAP_FILE).read_text()) if meta["has_id_map"] else None
         return cls(encoding, meta["special_tokens"], id_map=id_map, bos_id=meta["bos_id"],
-                   eos_id=meta["eos_id"], pad_id=meta["pad_id"], source=meta["source"])
+                   eos_id=meta["eos_id"], pad_id=meta["pad_id"], source=meta["source"],
+                   add_bos=meta.get("add_bos", False), chat_template=meta.get("chat_template"))
 
     @classmethod
     def from_tiktoken(cls, name: str = "cl100k_base",

@@ -8,9 +8,10 @@ artifact that may since have been deleted or corrupted, and its default policy h
 path rather than content. The task run is named `<stage>-<cache key prefix>`, so the UI shows
 which artifact a task produced or reused.
 
-Tasks pass run ids and paths, never tensors or tables. Model stages take a global concurrency
-slot named `r1flow-device-<device>` (limit 1, created on first use) so that two flows never train
-on one device at once; raise the limit with `prefect gcl update r1flow-device-cuda --limit N`.
+Tasks pass run ids and paths, never tensors or tables. Against a Prefect server, model stages take
+a global concurrency slot named `r1flow-device-<device>` (limit 1, created on first use) so that two
+flows never train on one device at once; raise the limit with
+`prefect gcl update r1flow-device-cuda --limit N`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pipeline.config import STAGES, ConfigError, RunConfig, validate
 from pipeline.runner import execute_stage, finish_run, resolve_device
 
 DEVICE_FREE_STAGES = {"problems"}
+DEVICE_LEASE_S = 30.0
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 
@@ -56,9 +58,24 @@ def config_of(run_id: str, root: Path) -> RunConfig:
     return validate(record.config, preset=record.preset)
 
 
+def server_configured() -> bool:
+    """True when flows report to a Prefect server (PREFECT_API_URL), not the ephemeral API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 @contextmanager
 def device_slot(device: str) -> Iterator[None]:
-    """Hold the device's global concurrency slot (limit 1) for the duration of a model stage."""
+    """Hold the device's global concurrency slot (limit 1) for the duration of a model stage.
+
+    Only against a Prefect server: its lease-expiry service frees the slot of a killed holder
+    after `DEVICE_LEASE_S`. Prefect's ephemeral API runs no such service, so a killed local run
+    would block the device for good; a local run is one process and needs no slot.
+    """
+    if not server_configured():
+        yield
+        return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
@@ -73,7 +90,9 @@ def device_slot(device: str) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass
-    with concurrency(name, occupy=1, strict=True):
+    # The holder renews its lease while it lives; a short lease frees the slot of a killed run
+    # within seconds instead of Prefect's default five minutes.
+    with concurrency(name, occupy=1, strict=True, lease_duration=DEVICE_LEASE_S):
         yield
 
 

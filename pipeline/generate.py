@@ -32,17 +32,11 @@ def resolve_source(source: str, root: Path) -> str:
 
 def build_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
-        template = getattr(tokenizer, "chat_template", None)
-        if template:
-            from lm.chat_template import render_r1_chat
-
-            text = render_r1_chat(template, prompt)
-        else:
-            text = tokenizer.render_prompt(prompt, "r1_zero")
+        text = tokenizer.render_prompt(prompt, "chat" if tokenizer.chat_template else "r1_zero")
     else:
         text = prompt
     ids = tokenizer.encode(text, allow_special=True)
-    if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+    if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id, *ids]
     return ids
 

@@ -125,3 +125,25 @@ def test_decode_ignores_ids_outside_the_vocabulary(tokenizer):
     ids = tokenizer.encode("ab") + [tokenizer.vocab_size + 5, -1]
     assert tokenizer.decode(ids) == "ab"
     assert tokenizer.token_bytes(tokenizer.vocab_size + 5) == b""
+
+
+def test_chat_template_and_bos_setting_survive_save_and_load(tmp_path):
+    from lm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_tiktoken("cl100k_base")
+    tok.add_bos = True
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tok.save(tmp_path)
+    back = Tokenizer.load(tmp_path)
+    assert back.add_bos is True and back.chat_template == tok.chat_template
+    prompt = back.render_prompt("What is 2 + 2?", "chat")
+    assert "<|im_start|>user\nWhat is 2 + 2?<|im_end|>" in prompt and "<think>" in prompt
+
+
+def test_chat_template_name_needs_a_chat_template():
+    import pytest
+
+    from lm.tokenizer import Tokenizer
+
+    with pytest.raises(KeyError, match="has none"):
+        Tokenizer.from_tiktoken("cl100k_base").render_prompt("q", "chat")

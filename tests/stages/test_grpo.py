@@ -61,7 +61,7 @@ def ascii_share(problems, prompts, texts):
 
 
 PROBLEMS = [Problem(f"p{i}", f"q{i}", "0", "en") for i in range(12)]
-TOY = dict(prompts_per_step=4, group_size=8, max_new_tokens=8, lr=1e-2, warmup_steps=0, eval_every=0,
+TOY = dict(autocast=True, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=1e-2, warmup_steps=0, eval_every=0,
            eval_problems=4, eval_samples=2, checkpoint_every=1000)
 
 
@@ -255,19 +255,24 @@ def test_build_batch_layout_and_truncation_mask() -> None:
             Generation([5], [1], [-0.7], "stop")]
     b = build_batch([[5, 6], [5]], gens, 2, torch.tensor([1.0, -1.0, 0.5, -0.5]), pad_id=0, drop_truncated=True,
                     device="cpu")
-    # prompts left-padded (they end in the same column), completions right-padded
-    assert b.prompt_ids.tolist() == [[5, 6], [0, 5]] and b.prompt_mask.tolist() == [[True, True], [False, True]]
-    assert b.completion_ids.tolist() == [[7, 8, 9], [4, 0, 0], [3, 2, 0], [1, 0, 0]]
+    # prompts left-padded (they end in the same column), completions right-padded; widths are
+    # rounded up to PAD_MULTIPLE (8) so matmul shapes repeat across steps
+    z = [0] * 5
+    assert b.prompt_ids.tolist() == [[0] * 6 + [5, 6], [0] * 7 + [5]]
+    assert b.prompt_mask.tolist() == [[False] * 6 + [True] * 2, [False] * 7 + [True]]
+    assert b.completion_ids.tolist() == [[7, 8, 9] + z, [4, 0, 0] + z, [3, 2, 0] + z, [1, 0, 0] + z]
     assert b.group.tolist() == [0, 0, 1, 1]
-    assert b.completion_real.tolist() == [[True] * 3, [True, False, False], [True, True, False], [True, False, False]]
+    assert b.completion_real[:, :3].tolist() == [[True] * 3, [True, False, False], [True, True, False],
+                                                 [True, False, False]] and not b.completion_real[:, 3:].any()
     # rows 1 and 2 hit the length budget: no loss on them
-    assert b.loss_mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0]]
-    assert torch.allclose(b.old_logp, torch.tensor([[-0.1, -0.2, -0.3], [-1.0, 0, 0], [-0.5, -0.6, 0], [-0.7, 0, 0]]))
+    assert b.loss_mask[:, :3].tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0]]
+    assert torch.allclose(b.old_logp[:, :3], torch.tensor([[-0.1, -0.2, -0.3], [-1.0, 0, 0], [-0.5, -0.6, 0],
+                                                           [-0.7, 0, 0]]))
     kept = build_batch([[5, 6], [5]], gens, 2, torch.zeros(4), pad_id=0, drop_truncated=False, device="cpu")
-    assert kept.loss_mask[1].tolist() == [1, 0, 0]
-    sub = kept.rows(torch.tensor([3, 2]))  # rows of prompt 1 only: cut to its prompt and longest completion
-    assert sub.prompt_ids.tolist() == [[5]] and sub.group.tolist() == [0, 0]
-    assert sub.completion_ids.tolist() == [[1, 0], [3, 2]]
+    assert kept.loss_mask[1, :3].tolist() == [1, 0, 0]
+    sub = kept.rows(torch.tensor([3, 2]))  # rows of prompt 1 only, with just that prompt
+    assert sub.prompt_ids[:, -1].tolist() == [5] and sub.group.tolist() == [0, 0]
+    assert sub.completion_ids[:, :2].tolist() == [[1, 0], [3, 2]]
 
 
 def test_completion_logprobs_equal_full_sequence_logprobs(tok) -> None:

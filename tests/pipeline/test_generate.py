@@ -1,0 +1,48 @@
+import json
+from contextlib import redirect_stdout
+from io import StringIO
+
+import pytest
+
+from pipeline.cli import main
+
+
+def _cli(*args):
+    buf = StringIO()
+    with redirect_stdout(buf):
+        code = main(list(args))
+    return code, buf.getvalue()
+
+
+def test_generate_json_from_a_run_checkpoint(micro_run):
+    root, run_id, _ = micro_run
+    code, out = _cli("generate", "--model", f"{run_id}/rl_zero", "--prompt", "What is 2 + 3?", "--chat",
+                     "--max-new-tokens", "6", "--json", "--root", str(root))
+    assert code == 0
+    g = json.loads(out)
+    assert 1 <= len(g["token_ids"]) <= 6 and len(g["logprobs"]) == len(g["token_ids"])
+    assert all(lp <= 0.0 for lp in g["logprobs"])
+    top = g["top_logprobs"]
+    assert len(top) == 5 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+    # Greedy: the first generated token is the most likely one, and its logprob matches.
+    assert g["token_ids"][0] == top[0]["id"]
+    assert g["logprobs"][0] == pytest.approx(top[0]["logprob"], abs=1e-4)
+
+
+def test_generate_greedy_is_deterministic(micro_run):
+    root, run_id, _ = micro_run
+    args = ("generate", "--model", f"{run_id}/base", "--prompt", "User: 1 + 1\nAssistant:", "--max-new-tokens", "5",
+            "--root", str(root))
+    assert _cli(*args) == _cli(*args)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("nope/nothing.gguf", "unknown model source"),
+    ("{bad}", "cannot parse as GGUF"),
+])
+def test_generate_bad_model_source(tmp_path, capsys, source, message):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    code = main(["generate", "--model", source.format(bad=bad), "--prompt", "x", "--root", str(tmp_path)])
+    assert code == 2
+    assert message in capsys.readouterr().err
