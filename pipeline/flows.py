@@ -29,7 +29,7 @@ from pipeline.config import STAGES, ConfigError, RunConfig, validate
 from pipeline.runner import execute_stage, finish_run, resolve_device
 
 DEVICE_FREE_STAGES = {"problems"}
-DEVICE_LEASE_S = 30.0
+DEVICE_LEASE_S = 60.0  # the server's minimum
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 

@@ -59,7 +59,7 @@ class Config(BaseModel):
     bpe_docs: int = Field(5000, ge=1, description="corpus documents the BPE is trained on")
     seq_len: int = Field(160, ge=8, description="max tokens per document (or per packed window)")
     packing: bool = Field(False, description="pack documents into seq_len windows instead of bucketing")
-    steps: int = Field(600, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="documents (or windows) per micro-batch")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -69,9 +69,9 @@ class Config(BaseModel):
     clip: float = Field(1.0, ge=0, description="max global grad norm (0: no clipping)")
     autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
     val_docs: int = Field(256, ge=0, description="held-out corpus documents for the validation loss")
-    eval_every: int = Field(100, ge=1)
-    checkpoint_every: int = Field(100, ge=1, description="resume-state interval in steps")
-    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(200, ge=1, description="resume-state interval in steps")
+    log_every: int = Field(100, ge=1)
 
     @field_validator("model")
     @classmethod

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from artifacts.store import write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.model import MODEL_PRESETS, Transformer
-from lm.tokenizer import TEMPLATES, Tokenizer
+from lm.tokenizer import TEMPLATE_NAMES, Tokenizer
 from lm.train import make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
 from stages.lm_training import (METRICS_FIELDS, Batch, BatchPlan, Example, LossFn, Metrics, collate,
@@ -96,9 +96,9 @@ class Config(BaseModel):
     template: str | None = Field("r1_zero_short", description="chat template for the prompt column; "
                                                              "None = prompts are already rendered")
     seq_len: int = Field(256, ge=8)
-    pretrain_steps: int = Field(0, ge=0, description="corpus steps before distillation, shared by each "
+    pretrain_steps: int = Field(600, ge=0, description="corpus steps before distillation, shared by each "
                                                    "student and its baseline (0: students start untrained)")
-    steps: int = Field(300, ge=1, description="distillation steps per student (and corpus steps per baseline)")
+    steps: int = Field(150, ge=1, description="distillation steps per student (and corpus steps per baseline)")
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -117,8 +117,8 @@ class Config(BaseModel):
     @field_validator("template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
-        if v is not None and v not in TEMPLATES:
-            raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATES)} (or None)")
+        if v is not None and v not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATE_NAMES)} (or None)")
         return v
 
     @field_validator("students")

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from artifacts.store import write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.lora import LoraConfig, apply_lora, lora_parameters
-from lm.tokenizer import TEMPLATES
+from lm.tokenizer import TEMPLATE_NAMES
 from lm.train import make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
 from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Metrics, collate, fixed_batches, lm_loss_sum,
@@ -70,8 +70,8 @@ class Config(BaseModel):
     @field_validator("template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
-        if v is not None and v not in TEMPLATES:
-            raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATES)} (or None)")
+        if v is not None and v not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATE_NAMES)} (or None)")
         return v
 
 

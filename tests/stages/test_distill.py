@@ -23,7 +23,7 @@ torch.set_num_threads(1)  # the test machine is shared: one thread avoids OpenMP
 
 # A teacher bigger than the "micro" preset the students use; far smaller than a real one.
 TEACHER = dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256)
-QUICK = dict(steps=6, batch_size=4, seq_len=128, autocast=False, val_fraction=0.25, val_max=4)
+QUICK = dict(steps=6, pretrain_steps=0, batch_size=4, seq_len=128, autocast=False, val_fraction=0.25, val_max=4)
 
 
 def quiet(seed: int = 0, run_dir: Path | None = None, stop_after: int | None = None) -> StageContext:

@@ -338,7 +338,9 @@ def test_dynamic_sampling_refills_zero_spread_groups(tok) -> None:
 
 
 def test_fast_fp32_matmul_is_fp32_exact_and_restores_the_setting() -> None:
-    mm = torch.backends.mkldnn.matmul
+    mm = getattr(torch.backends.mkldnn, "matmul", None)
+    if mm is None or not hasattr(mm, "fp32_precision"):
+        pytest.skip("this torch has no oneDNN matmul precision switch (the context is a no-op)")
     before = mm.fp32_precision
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(32, 256, dtype=torch.float64, generator=g), torch.randn(64, 256, dtype=torch.float64, generator=g)
