@@ -37,7 +37,7 @@ def _retry_transient(task, task_run, state) -> bool:
     """Retry only failures a retry can fix (I/O, timeouts), not bad config or bad data."""
     try:
         state.result()
-    except (ConfigError, ArtifactError):
+    except (ConfigError, ArtifactError, FileNotFoundError, PermissionError):
         return False
     except _TRANSIENT:
         return True

@@ -47,6 +47,15 @@ class UpstreamMissing(ArtifactError):
     """A stage's input artifact is absent or corrupt; named, never recomputed silently."""
 
 
+class StageError(ArtifactError):
+    """A stage rejected its input or diverged: a message for the user, not a traceback."""
+
+
+# What stages raise for bad input (a missing column, an unreadable user file) or divergence
+# (NonFiniteError is a FloatingPointError); anything else is a bug and keeps its traceback.
+_USER_FACING = (ValueError, FileNotFoundError, FloatingPointError)
+
+
 def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[str, dict]:
     """The artifact cache key of a stage in a run, and the config payload it hashes."""
     payload = {
@@ -127,6 +136,8 @@ def execute_stage(
             record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
             record.status = "failed"
             runs.save(record)
+            if isinstance(e, _USER_FACING):
+                raise StageError(f"stage {name} failed: {e}") from e
             raise
         seconds = time.perf_counter() - t0
         shutil.rmtree(scratch, ignore_errors=True)

@@ -94,3 +94,15 @@ def test_report_writes_markdown_and_plots(micro_run, tmp_path):
     assert "## Evaluation" in md and "| rl_zero |" in md
     assert (tmp_path / "rl_curves.png").stat().st_size > 5000
     assert (tmp_path / "eval.png").stat().st_size > 5000
+
+
+def test_bad_user_problem_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"question": "1 + 1", "answer": "2"}\n')  # no `prompt` column
+    code, _ = _cli("run", "--preset", "micro", "--root", str(tmp_path / "root"), "--set", "problems.source=file",
+                   "--set", f"problems.path={json.dumps(str(bad))}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stage problems failed" in err and "prompt" in err
+    record = RunStore(tmp_path / "root").list()[0]
+    assert record.status == "failed" and record.stages["problems"].status == "failed"
