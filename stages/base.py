@@ -18,8 +18,14 @@ before it, exactly as a prompt does at sampling time (`packing = true` is there 
 long documents). A held-out slice of the corpus gives the validation loss.
 
 Outputs: `checkpoint/` (lm.checkpoint format with the tokenizer) and `metrics.parquet` (step, name,
-value: loss, lr, grad_norm, tokens_per_s per step; val_loss every `eval_every` steps). Resumes from
-`ctx.run_dir` after a crash with the same result as an uninterrupted run.
+value: loss, lr, grad_norm, tokens, tokens_per_s per step; val_loss every `eval_every` steps).
+Resumes from `ctx.run_dir` after a crash with the same result as an uninterrupted run.
+
+Budget (measured on the shared 2-core test machine, single-thread CPU time): a "tiny" step of 32
+documents (~70 tokens each) costs ~0.33-0.44 s of one thread with bf16 autocast (fp32: ~2x), so
+the default 1000 steps are ~6 thread-minutes of compute (two threads: roughly 3.5-4 minutes).
+The loss is about a function of tokens seen: 600 steps reach validation loss 0.83, 1500 steps
+0.58 on the default corpus.
 """
 from __future__ import annotations
 

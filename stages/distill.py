@@ -96,7 +96,7 @@ class Config(BaseModel):
     template: str | None = Field("r1_zero_short", description="chat template for the prompt column; "
                                                              "None = prompts are already rendered")
     seq_len: int = Field(256, ge=8)
-    pretrain_steps: int = Field(600, ge=0, description="corpus steps before distillation, shared by each "
+    pretrain_steps: int = Field(500, ge=0, description="corpus steps before distillation, shared by each "
                                                    "student and its baseline (0: students start untrained)")
     steps: int = Field(150, ge=1, description="distillation steps per student (and corpus steps per baseline)")
     batch_size: int = Field(32, ge=1)

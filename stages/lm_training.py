@@ -42,7 +42,7 @@ from artifacts.store import atomic_write_text, read_table
 from lm.checkpoint import CheckpointError, load_training_state, read_safetensors, save_training_state
 from lm.logprobs import token_logprobs
 from lm.model import MODEL_PRESETS, Transformer
-from lm.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
+from lm.tokenizer import ANSWER, ANSWER_END, IM_END, IM_START, THINK, THINK_END, Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, lr_at
 from stages.context import StageContext
 
@@ -50,7 +50,10 @@ from stages.context import StageContext
 # (e.g. a literal "<|endoftext|>" in a model's output) stay plain text so data cannot inject control
 # tokens such as end-of-text or pad.
 FORMAT_TAGS: tuple[str, ...] = (THINK, THINK_END, ANSWER, ANSWER_END)
+# Chat-turn markers, single ids in a prompt rendered with a model's chat template ("chat").
+CHAT_MARKERS: tuple[str, ...] = (IM_START, IM_END)
 _TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in FORMAT_TAGS) + ")")
+_PROMPT_RE = re.compile("(" + "|".join(re.escape(t) for t in (*CHAT_MARKERS, *FORMAT_TAGS)) + ")")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,8 +84,21 @@ def encode_text(tok: Tokenizer, text: str) -> list[int]:
     "<|pad|>" written inside a completion into control ids. A tokenizer whose vocabulary has no such
     tag (a foreign model's) encodes it as ordinary text.
     """
+    return _encode_with(tok, text, _TAG_RE)
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt: like `encode_text`, plus the chat-turn markers
+    ("<|im_start|>", "<|im_end|>") as single ids, as a chat model (SmolLM2-Instruct) was trained to
+    read them. Prompts come from a template and the user's problems, not from a model, so the only
+    control tokens they can carry this way are turn markers; end-of-text and pad stay text.
+    """
+    return _encode_with(tok, prompt, _PROMPT_RE)
+
+
+def _encode_with(tok: Tokenizer, text: str, specials: re.Pattern[str]) -> list[int]:
     ids: list[int] = []
-    for i, piece in enumerate(_TAG_RE.split(text)):
+    for i, piece in enumerate(specials.split(text)):
         if i % 2 == 1 and piece in tok.special_tokens:
             ids.append(tok.special_tokens[piece])
         elif piece:
@@ -137,7 +153,8 @@ def tokenize_pairs(tok: Tokenizer, prompts: Sequence[str], completions: Sequence
     Each example's `group` is its prompt.
 
     Prompt and completion are encoded separately, as the sampler sees them (the prompt's ids, then
-    the ids the model wrote), so the boundary token is the one the model must produce. A completion
+    the ids the model wrote), so the boundary token is the one the model must produce. The prompt
+    goes through `encode_prompt` (chat-turn markers as ids), the completion through `encode_text`. A completion
     that overruns `max_len` is cut (it still teaches its prefix); a prompt that leaves no room for a
     single completion token is dropped.
     """
@@ -148,7 +165,7 @@ def tokenize_pairs(tok: Tokenizer, prompts: Sequence[str], completions: Sequence
         if not prompt or not prompt.strip() or not completion or not completion.strip():
             report.dropped_empty += 1
             continue
-        p = encode_text(tok, prompt)
+        p = encode_prompt(tok, prompt)
         c = encode_text(tok, completion) + [tok.eos_id]
         if len(p) >= max_len:
             report.dropped_prompt_too_long += 1

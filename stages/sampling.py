@@ -2,8 +2,8 @@
 
 Each question is rendered with the tokenizer's chat template (the stage's `template` field,
 CONTRACTS "Stage wiring") and encoded the way the training stages encode prompts
-(`stages.lm_training.encode_text`: the think/answer tags as their single ids, any other special
-string as plain text). The (question, sample) requests are sorted by prompt length, so a batch
+(`stages.lm_training.encode_prompt`: the think/answer tags and chat-turn markers as their single
+ids, any other special string as plain text). The (question, sample) requests are sorted by prompt length, so a batch
 holds prompts of similar length and left padding wastes little, then cut into batches of
 `batch_size`; batch b is generated with seed `seed + b`. The result is therefore a pure function of
 (model, questions, n, params, batch_size, seed): the same config and seed give the same samples.
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from lm.sampler import Generation, Sampler, SamplingParams, completion_text
 from lm.tokenizer import ANSWER_END, Tokenizer
-from stages.lm_training import encode_text
+from stages.lm_training import encode_prompt
 
 SamplerFactory = Callable[[Any, Tokenizer, int], Sampler]
 """(model, tokenizer, batch_size) -> Sampler; stages take one so tests can inject a fake."""
@@ -85,8 +85,9 @@ def torch_sampler(model: Any, tokenizer: Tokenizer, batch_size: int) -> Sampler:
 
 
 def encode_prompts(tokenizer: Tokenizer, questions: Sequence[str], template: str) -> list[list[int]]:
-    """Token ids of each question rendered with the chat template."""
-    return [encode_text(tokenizer, tokenizer.render_prompt(q, template)) for q in questions]
+    """Token ids of each question rendered with the template: the same encoding SFT and distill
+    train on (`stages.lm_training.encode_prompt`: chat-turn markers as single ids)."""
+    return [encode_prompt(tokenizer, tokenizer.render_prompt(q, template)) for q in questions]
 
 
 def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,

@@ -19,7 +19,7 @@ from lm.tokenizer import train_bpe
 from stages import sft as stage
 from stages import synthetic
 from stages.context import StageContext
-from stages.lm_training import (BatchPlan, Example, collate, encode_text, lm_loss_sum, optimizer_step,
+from stages.lm_training import (BatchPlan, Example, collate, encode_prompt, encode_text, lm_loss_sum, optimizer_step,
                                 split_by_group, tokenize_documents, tokenize_pairs)
 
 torch.set_num_threads(1)  # the test machine is shared: one thread avoids OpenMP oversubscription
@@ -97,6 +97,19 @@ def test_control_tokens_in_data_stay_plain_text(base_dir):
     ids = encode_text(tok, "a <|endoftext|> b <answer> 1 </answer>")
     assert tok.eos_id not in ids
     assert tok.special_tokens["<answer>"] in ids
+
+
+def test_chat_turn_markers_are_single_ids_in_prompts_only(base_dir):
+    _, tok, _ = load_checkpoint(base_dir / "checkpoint")
+    prompt = "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    completion = " <think> 1+1=2. </think> <answer> 2 </answer> <|im_end|>"
+    (ex,), _ = tokenize_pairs(tok, [prompt], [completion], max_len=256)
+    n_prompt = len(encode_prompt(tok, prompt))
+    prompt_ids, completion_ids = ex.ids[:n_prompt].tolist(), ex.ids[n_prompt:].tolist()
+    assert prompt_ids.count(tok.special_tokens["<|im_start|>"]) == 2
+    assert prompt_ids.count(tok.special_tokens["<|im_end|>"]) == 1
+    assert tok.special_tokens["<|im_end|>"] not in completion_ids  # model output: plain text
+    assert encode_prompt(tok, "a <|endoftext|> b").count(tok.eos_id) == 0
 
 
 def test_pairs_truncate_long_completions_and_drop_unusable_rows(base_dir):
