@@ -208,6 +208,36 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)  # [B, T, H, hd]
 
 
+# Below this many scores per head (T x S), masked fp32 attention on CPU runs as two batched matmuls.
+BMM_ATTENTION_MAX_SCORES = 1 << 15
+
+
+def _prefer_bmm_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether `grouped_attention` beats SDPA here: on CPU with an explicit mask, torch's flash
+    kernel (its backward most) is slow at short lengths; the GRPO benchmark's policy pass took
+    0.25 s with it and 0.18 s without. Large T x S keeps SDPA, which never holds the scores."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32
+            and q.shape[2] * k.shape[2] <= BMM_ATTENTION_MAX_SCORES)
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(hd) + mask) v with grouped key/value heads, as two batched matmuls.
+
+    The G = H / Hkv query heads sharing a key/value head are stacked along the query axis, so keys
+    and values are never repeated. q: [B, H, T, hd]; k, v: [B, Hkv, S, hd]; mask: bool
+    [B|1, 1, T, S], True = may attend (every row needs one True). Returns [B, H, T, hd].
+    """
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.expand(B, 1, T, S).unsqueeze(2).expand(B, Hkv, G, T, S)  # [B, Hkv, G, T, S]
+    scores = torch.baddbmm(bias.reshape(B * Hkv, G * T, S), q.reshape(B * Hkv, G * T, hd),
+                           k.reshape(B * Hkv, S, hd).transpose(1, 2), alpha=hd ** -0.5)  # [B Hkv, G T, S]
+    y = torch.bmm(scores.softmax(dim=-1), v.reshape(B * Hkv, S, hd))  # [B Hkv, G T, hd]
+    return y.view(B, H, T, hd)
+
+
 class InferenceLinear:
     """y = x W^T + b for generation, W the concatenation of one or more `nn.Linear` weights.
 
@@ -277,8 +307,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd] each
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=H != Hkv)  # [B, H, T, hd]
+        if mask is not None and T > 1 and _prefer_bmm_attention(q, k):
+            y = grouped_attention(q, k, v, mask)  # [B, H, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=H != Hkv)  # [B, H, T, hd]
         return wo(y.transpose(1, 2).reshape(B, T, H * hd))  # [B, T, D]
 
 

@@ -6,7 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from lm.model import MODEL_PRESETS, KVCache, ModelConfig, Transformer, apply_rope, rope_table
+import torch.nn.functional as F
+
+from lm import model as model_module
+from lm.model import MODEL_PRESETS, KVCache, ModelConfig, Transformer, apply_rope, grouped_attention, rope_table
 
 
 def test_config_dict_round_trip_and_validation(make_config):
@@ -101,6 +104,47 @@ def test_gqa_equals_mha_with_repeated_kv_heads(make_model):
     tokens = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         torch.testing.assert_close(mha(tokens), mqa(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4)])
+def test_grouped_attention_equals_sdpa_values_and_gradients(heads, kv_heads):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, heads, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(3, kv_heads, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(3, kv_heads, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.rand(3, 1, 5, 9, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    ours = grouped_attention(q, k, v, mask)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_padded_training_forward_same_with_either_attention_kernel(make_model, monkeypatch):
+    """The masked (left-padded) forward gives the same logits and gradients through the batched-
+    matmul attention and through SDPA."""
+    model = make_model(n_kv_heads=2).train()
+    tokens = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(5))
+    key_mask = torch.ones(3, 12, dtype=torch.bool)
+    key_mask[0, :4] = False
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(tokens, positions=positions, key_mask=key_mask)
+        out[key_mask].square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(model_module, "BMM_ATTENTION_MAX_SCORES", 1 << 20)
+    out_bmm, grads_bmm = run()
+    monkeypatch.setattr(model_module, "BMM_ATTENTION_MAX_SCORES", 0)
+    out_sdpa, grads_sdpa = run()
+    torch.testing.assert_close(out_bmm, out_sdpa, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_bmm, grads_sdpa):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_max_seq_len_is_enforced(make_model):
