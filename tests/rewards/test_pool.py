@@ -56,6 +56,22 @@ def test_killed_workers_are_really_gone(factorial_pool):
             os.kill(pid, 0)
 
 
+def test_normal_tasks_are_not_queued_behind_stragglers():
+    """One worker slot, two spares: once the first task has run `straggle_s`, the spares take the
+    next tasks beside it, so two stuck tasks cost one timeout, not two in a row."""
+    pool = WorkerPool("time:sleep", workers=1, spares=2, timeout_s=1.5, straggle_s=0.2)
+    try:
+        pool.map([(0,)])
+        start = time.perf_counter()
+        out = pool.map([(60,), (60,), (0.01,), (0.01,)])
+        elapsed = time.perf_counter() - start
+        assert [r.status for r in out] == ["timeout", "timeout", "ok", "ok"]
+        assert elapsed < 2 * 1.5  # serialised on the one slot it would be >= 3.0 s
+        assert pool.processes == 3
+    finally:
+        pool.close()
+
+
 def test_spare_workers_take_over_at_once():
     pool = WorkerPool("math:factorial", workers=2, timeout_s=0.5)
     try:
