@@ -194,10 +194,12 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         hint = f"; found {siblings}, which are pickle files and are never loaded" if siblings else ""
         raise CheckpointError(f"weights file {path} is missing{hint}")
     data = path.read_bytes()
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise CheckpointError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
-                              "it will not be unpickled")
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Its first bytes
+    # are a length and may read as "PK" or 0x80, so judge them only when no JSON header follows.
     if len(data) < 9 or data[8:9] != b"{":
+        if data[:2] == b"PK" or data[:1] == b"\x80":
+            raise CheckpointError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
+                                  "it will not be unpickled")
         raise CheckpointError(f"{path} is not a safetensors file (bad header)")
     try:
         return st_load(data)

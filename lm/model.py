@@ -104,11 +104,11 @@ class ModelConfig:
 # ~4k tokens; "smollm2-135m" is HuggingFaceTB/SmolLM2-135M's real shape.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "micro": ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
-                         max_seq_len=512),
+                         max_seq_len=512, tie_embeddings=False),
     "tiny": ModelConfig(vocab_size=512, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704,
-                        max_seq_len=1024),
+                        max_seq_len=1024, tie_embeddings=False),
     "tiny-student": ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                                ffn_dim=384, max_seq_len=1024),
+                                ffn_dim=384, max_seq_len=1024, tie_embeddings=False),
     "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                                 ffn_dim=1536, norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192,
                                 tie_embeddings=True),

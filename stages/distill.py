@@ -96,12 +96,14 @@ class Config(BaseModel):
     template: str | None = Field("r1_zero_short", description="chat template for the prompt column; "
                                                              "None = prompts are already rendered")
     seq_len: int = Field(256, ge=8)
-    pretrain_steps: int = Field(500, ge=0, description="corpus steps before distillation, shared by each "
+    pretrain_steps: int = Field(300, ge=0, description="corpus steps before distillation, shared by each "
                                                    "student and its baseline (0: students start untrained)")
-    steps: int = Field(150, ge=1, description="distillation steps per student (and corpus steps per baseline)")
+    loss_after: str | None = Field("Assistant:", description="corpus documents: loss only after this marker "
+                                                              "(as in base pretraining); None = every token")
+    steps: int = Field(600, ge=1, description="distillation steps per student (and corpus steps per baseline)")
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
@@ -160,7 +162,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
         train_idx, val_idx = split_by_group([e.group for e in examples], cfg.val_fraction, cfg.val_max, ctx.seed)
         train = [examples[i] for i in train_idx]
         val_batches = fixed_batches([examples[i] for i in val_idx], cfg.batch_size, tok.pad_id)
-        docs = tokenize_documents(tok, corpus, max_len)[0] if corpus is not None else None
+        docs = tokenize_documents(tok, corpus, max_len, cfg.loss_after)[0] if corpus is not None else None
 
         if cfg.pretrain_steps > 0:  # phase 1, shared by the student and its baseline
             name = f"pretrain:{spec.name}"

@@ -125,24 +125,35 @@ def render_prompts(tok: Tokenizer, prompts: Sequence[str], template: str | None)
     return [tok.render_prompt(p, template) if p.strip() else "" for p in prompts]
 
 
-def tokenize_documents(tok: Tokenizer, texts: Iterable[str],
-                       max_len: int | None) -> tuple[list[Example], TokenizeReport]:
-    """Raw documents for pretraining: `text + <eos>`, loss on every token.
+def tokenize_documents(tok: Tokenizer, texts: Iterable[str], max_len: int | None,
+                       loss_after: str | None = None) -> tuple[list[Example], TokenizeReport]:
+    """Raw documents for pretraining: `text + <eos>`, loss on every token, or only after a marker.
 
     Args:
         texts: documents (empty ones are dropped and counted).
         max_len: truncate each document to this many tokens (None: keep whole, for packing).
+        loss_after: if set, a document containing this marker is encoded as two pieces, up to and
+            including the marker's first occurrence, then the rest (as a sampler sees a prompt and
+            its completion), and only the rest (and <eos>) carries loss. Documents without it keep
+            loss on every token.
     """
     report, out = TokenizeReport(), []
     for text in texts:
         if not text or not text.strip():
             report.dropped_empty += 1
             continue
-        ids = encode_text(tok, text) + [tok.eos_id]
+        cut = text.find(loss_after) if loss_after else -1
+        if cut >= 0:
+            head = encode_text(tok, text[:cut + len(loss_after)])
+            ids = head + encode_text(tok, text[cut + len(loss_after):]) + [tok.eos_id]
+        else:
+            head, ids = [], encode_text(tok, text) + [tok.eos_id]
+        mask = np.ones(len(ids), dtype=bool)
+        mask[:len(head)] = False
         if max_len is not None and len(ids) > max_len:
-            ids = ids[:max_len]
+            ids, mask = ids[:max_len], mask[:max_len]
             report.truncated += 1
-        out.append(Example(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)))
+        out.append(Example(np.asarray(ids, dtype=np.int64), mask))
         report.kept += 1
     return out, report
 

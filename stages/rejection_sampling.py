@@ -70,7 +70,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     template: str = "r1_zero_short"
-    max_prompts: int | None = Field(384, ge=1, description="train prompts to sample (seeded subset); None = all")
+    max_prompts: int | None = Field(None, ge=1, description="train prompts to sample (seeded subset); None = all")
     samples_per_prompt: int = Field(4, ge=1, description="N completions per prompt")
     keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")
     pairs_per_prompt: int = Field(1, ge=0, description="preference pairs per prompt (0: none)")

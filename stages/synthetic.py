@@ -60,19 +60,16 @@ one of four kinds, with configurable shares (exact quotas, shuffled):
 Documents are ``User: {question}\\nAssistant:`` followed by the completion (the tokenizer's compact
 template; a tagged completion starts with `` <think>``).
 
-Default difficulty mix and expected base accuracy
--------------------------------------------------
-Tasks are mixed uniformly, levels 1/2/3 in proportion 0.3/0.4/0.3, noise 25% slip, 25% untagged,
-15% drift (the shares the testbed run used). Reasoning: on 2-3 digit addition alone (about our
-add levels 1-2) the testbed's 1.8M model reached greedy 100% and sampled pass@1 60.6% after 700
-pretraining steps, the gap being the corpus noise it imitates. Six families over three levels
-split the same pretraining budget six ways and add multi-digit carries, products, signs and gcds,
-so the clean-task accuracy should land well below 100% (level 1 mostly right, level 3 often
-wrong): greedy accuracy can then move under RL too. A sampled completion is right only when the
-model also avoids imitating a slip (25%) and, when the accuracy reward requires the answer tag,
-an untagged ending (25%): pass@1 ~= 0.75 * clean accuracy (0.5 * clean accuracy under a strict
-tag requirement), i.e. roughly 30-60% for clean accuracy of 60-80%. Shift ``difficulty_mix``
-toward level 1 if a shorter pretraining leaves the base below that, toward level 3 if above.
+Default mix, and the slice the tiny preset uses
+-----------------------------------------------
+The module's defaults mix all six families uniformly, levels 1/2/3 in proportion 0.3/0.4/0.3, with
+25% slip, 25% untagged and 15% drift documents. Measured on this 2-core CPU, that mix is too much
+for the tiny preset's budget: the 3M-parameter base reached 5.5% greedy accuracy after 600
+pretraining steps (2 minutes), against 87.5% on add levels 1-2 alone. So the `tiny` preset selects
+``task_mix = {add = 1}``, ``difficulty_mix = {1: 0.5, 2: 0.5}`` (2-3 digit addition, as in the
+testbed note) and keeps the noise: its base then samples the right answer 76% of the time (pass@1
+at T=0.6) while only 56% of its completions are well formatted, which is the headroom the RL
+stages remove. The other families stay available for longer runs and real models.
 
 All randomness comes from ``random.Random`` instances seeded explicitly: the same seed gives the
 same problems, traces and corpus on every machine.

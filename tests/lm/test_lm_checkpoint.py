@@ -98,6 +98,22 @@ def test_pickle_in_place_of_safetensors_is_refused(saved, make_model):
         load_checkpoint(saved)
 
 
+@pytest.mark.parametrize("length", [0x4B50 + (1 << 16), 0x80 + (1 << 8)])
+def test_safetensors_whose_header_length_reads_as_a_magic_loads(tmp_path, length):
+    """The header length comes first: 0x...4B50 reads "PK" and 0x...80 a pickle opcode; neither is one."""
+    from safetensors.torch import save as st_save
+
+    from lm.checkpoint import read_safetensors
+
+    body = st_save({"w": torch.zeros(2)})
+    n = int.from_bytes(body[:8], "little")
+    header = body[8:8 + n].rstrip(b" ") + b" " * (length - len(body[8:8 + n].rstrip(b" ")))
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(length.to_bytes(8, "little") + header + body[8 + n:])
+    assert path.read_bytes()[:2] == b"PK" or path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(read_safetensors(path)["w"], torch.zeros(2))
+
+
 def test_pickle_only_directory_is_refused(make_model, tmp_path):
     torch.save(make_model().state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"config.json is missing.*pytorch_model.bin.*never loaded"):

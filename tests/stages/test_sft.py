@@ -128,6 +128,19 @@ def test_documents_carry_loss_everywhere_and_end_with_eos(base_dir):
     assert report.dropped_empty == 1
 
 
+def test_documents_with_loss_after_marker_train_on_the_solution_only(base_dir):
+    """With `loss_after`, the question carries no loss, the rest does, and the pieces are encoded
+    as a sampler sees them: prompt ids then completion ids; documents without the marker keep loss
+    on every token."""
+    _, tok, _ = load_checkpoint(base_dir / "checkpoint")
+    text = "User: What is 1 + 2?\nAssistant: <think> 1+2=3. </think> <answer> 3 </answer>"
+    (doc, plain), _ = tokenize_documents(tok, [text, "no marker here"], max_len=None, loss_after="Assistant:")
+    head = encode_prompt(tok, "User: What is 1 + 2?\nAssistant:")
+    assert doc.ids[:len(head)].tolist() == head
+    assert not doc.loss_mask[:len(head)].any() and doc.loss_mask[len(head):].all()
+    assert doc.ids[-1] == tok.eos_id and plain.loss_mask.all()
+
+
 # ---------------------------------------------------------------------------------- loss and step
 
 
