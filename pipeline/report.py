@@ -105,9 +105,15 @@ def _plot_eval(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return ["eval.png"]
 
 
+# summary.parquet column -> the name reports show
+_DISPLAY = {"pass_at_1": "pass@1", "maj_at_k": "maj@k", "pass_at_k": "pass@k"}
+
+
 def eval_rows(path: Path) -> list[dict[str, Any]]:
+    """The evaluate stage's summary rows, metric names as reports show them (pass@1, maj@k, pass@k)."""
     f = path / "summary.parquet"
-    return pq.read_table(f).to_pylist() if f.is_file() else []
+    rows = pq.read_table(f).to_pylist() if f.is_file() else []
+    return [{_DISPLAY.get(k, k): v for k, v in r.items()} for r in rows]
 
 
 def eval_table_markdown(rows: list[dict[str, Any]]) -> str:

@@ -92,6 +92,7 @@ def test_report_writes_markdown_and_plots(micro_run, tmp_path):
     assert code == 0
     md = (tmp_path / "report.md").read_text()
     assert "## Evaluation" in md and "| rl_zero |" in md
+    assert "| pass@1 | maj@k | pass@k |" in md  # the headline metrics, not only the secondary ones
     assert (tmp_path / "rl_curves.png").stat().st_size > 5000
     assert (tmp_path / "eval.png").stat().st_size > 5000
 
