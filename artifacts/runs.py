@@ -3,11 +3,17 @@
 A run is the user's handle on one pass of the pipeline: `r1flow inspect RUN/STAGE` resolves an
 artifact through it, `r1flow stage NAME --run RUN` reruns one stage of it, and `r1flow runs`
 lists them. The record is rewritten atomically after every stage transition.
+
+A run or stage marked "running" names its owner (host:pid). A killed `r1flow run` cannot update
+its record, so on reading, a "running" entry whose owner process is gone (on this host) reads
+"interrupted"; `r1flow stage NAME --run RUN` resumes such a stage from its scratch state.
 """
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,12 +21,34 @@ from typing import Any, Iterable
 
 from artifacts.store import ArtifactError, atomic_write_text, default_root
 
-STAGE_STATUSES = ("pending", "running", "ran", "cached", "stale", "failed")
+STAGE_STATUSES = ("pending", "running", "ran", "cached", "stale", "failed", "interrupted")
 RUN_FILE = "run.json"
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def process_owner() -> str:
+    """`host:pid` of this process, recorded on whatever it marks "running"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when `owner` (host:pid) is a process on this host that no longer exists; False when it
+    is alive, on another host, or unknown (records written before owners were kept)."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def new_run_id() -> str:
@@ -39,16 +67,18 @@ class StageEntry:
     seconds: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    owner: str | None = None  # host:pid of the process running it
 
 
 @dataclass
 class RunRecord:
     run_id: str
     created: str
-    status: str  # running | succeeded | failed
+    status: str  # running | succeeded | failed | interrupted
     preset: str | None
     config: dict[str, Any]
     stages: dict[str, StageEntry]
+    owner: str | None = None  # host:pid of the process running it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,12 +87,17 @@ class RunRecord:
     def from_dict(cls, data: dict[str, Any], where: str) -> "RunRecord":
         try:
             stages = {k: StageEntry(**v) for k, v in data["stages"].items()}
-            return cls(
+            record = cls(
                 run_id=data["run_id"], created=data["created"], status=data["status"],
                 preset=data.get("preset"), config=data.get("config", {}), stages=stages,
+                owner=data.get("owner"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed run record ({e!r})") from e
+        for item in (record, *record.stages.values()):  # a killed process left these "running"
+            if item.status == "running" and owner_gone(item.owner):
+                item.status = "interrupted"
+        return record
 
     def mark_stale_after(self, stage: str, order: Iterable[str]) -> list[str]:
         """Mark every stage after `stage` that has an artifact as stale; return their names."""
@@ -87,7 +122,7 @@ class RunStore:
                run_id: str | None = None) -> RunRecord:
         record = RunRecord(
             run_id=run_id or new_run_id(), created=now_iso(), status="running", preset=preset,
-            config=config, stages={s: StageEntry() for s in stages},
+            config=config, stages={s: StageEntry() for s in stages}, owner=process_owner(),
         )
         self.save(record)
         return record

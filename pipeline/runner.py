@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifacts import ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
-from artifacts.runs import now_iso
+from artifacts.runs import now_iso, process_owner
 from pipeline.config import STAGES, RunConfig, stage_module
 from stages.context import StageContext
 
@@ -115,7 +115,7 @@ def execute_stage(
         manifest, status, seconds = hit, "cached", 0.0
         log(f"{name}: reused from cache ({manifest.id})")
     else:
-        entry.status, entry.started, entry.error = "running", now_iso(), None
+        entry.status, entry.started, entry.error, entry.owner = "running", now_iso(), None, process_owner()
         runs.save(record)
         device = resolve_device(cfg.run.device)
         scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
