@@ -41,11 +41,10 @@ from lm.checkpoint import save_checkpoint
 from lm.loading import load_model
 from lm.model import MODEL_PRESETS
 from lm.tokenizer import train_bpe
-from lm.train import make_optimizer, resolve_device, set_lr
+from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Metrics, collate, fixed_batches, lm_loss_sum,
-                                load_resume, lr_schedule, new_model, optimizer_step, pack, read_text_columns,
-                                resume_dir, save_resume, split_holdout, tokenize_documents, validation_loss)
+from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Metrics, fixed_batches, lm_loss_sum, new_model, pack,
+                                read_text_columns, split_holdout, start_or_resume, tokenize_documents, train_loop)
 
 INPUTS: tuple[str, ...] = ("problems",)
 SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}
@@ -133,30 +132,12 @@ def _pretrain(cfg: Config, corpus_path: Path, out: Path, ctx: StageContext) -> d
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     plan = BatchPlan([len(d) for d in docs], cfg.batch_size, ctx.seed)
     val_batches = fixed_batches(val, cfg.batch_size, tok.pad_id)
-    state_dir = resume_dir(ctx, "base")
-    resumed = load_resume(state_dir, model, optimizer)
-    start, metrics = resumed if resumed is not None else (0, Metrics())
-    if start:
-        ctx.log(f"base: resuming at step {start}/{cfg.steps}")
+    state_dir, start, metrics = start_or_resume(ctx, "base", model, optimizer, cfg.steps, "base")
 
     loop_t0 = time.perf_counter()
-    for step in ctx.progress(range(start, cfg.steps), desc="base pretrain", total=cfg.steps - start):
-        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        batches = [collate([docs[i] for i in idx], tok.pad_id) for idx in plan.step(step, cfg.grad_accum)]
-        t = time.perf_counter()
-        stats = optimizer_step(model, optimizer, batches, lm_loss_sum, clip=cfg.clip, autocast=cfg.autocast,
-                               device=device, step=step)
-        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
-                    tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
-        done = step + 1
-        if val_batches and (done % cfg.eval_every == 0 or done == cfg.steps):
-            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
-        if done % cfg.log_every == 0:
-            ctx.log(f"base: step {done}/{cfg.steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f} "
-                    f"lr {lr:.2e}")
-        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_resume(state_dir, model, optimizer, done, metrics)
+    train_loop(model, optimizer, docs, plan, lm_loss_sum, cfg, steps=cfg.steps, start=start, metrics=metrics,
+               pad_id=tok.pad_id, val_batches=val_batches, device=device, ctx=ctx, label="base",
+               state_dir=state_dir, eval_every=cfg.eval_every)
 
     model.eval()
     final_loss = metrics.tail_mean("loss", max(1, min(50, cfg.steps // 10)))

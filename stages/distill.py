@@ -46,12 +46,11 @@ from artifacts.store import write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.model import MODEL_PRESETS, Transformer
 from lm.tokenizer import TEMPLATE_NAMES, Tokenizer
-from lm.train import make_optimizer, resolve_device, set_lr
+from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_FIELDS, Batch, BatchPlan, Example, LossFn, Metrics, collate,
-                                distill_loss_sum, fixed_batches, lm_loss_sum, load_resume, lr_schedule, new_model,
-                                optimizer_step, read_pairs, read_text_columns, resume_dir, save_resume,
-                                split_by_group, tokenize_documents, validation_loss)
+from stages.lm_training import (METRICS_FIELDS, Batch, BatchPlan, Example, LossFn, Metrics, distill_loss_sum,
+                                fixed_batches, lm_loss_sum, new_model, read_pairs, read_text_columns, split_by_group,
+                                start_or_resume, tokenize_documents, train_loop)
 
 INPUTS: tuple[str, ...] = ("rejection_sampling", "rl_reasoning", "problems")
 METRICS_SCHEMA = pa.schema([pa.field("student", pa.string(), nullable=False), *METRICS_FIELDS])
@@ -215,29 +214,11 @@ def _train(name: str, model: Transformer, tok: Tokenizer, train: list[Example], 
     model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     plan = BatchPlan([len(e) for e in train], cfg.batch_size, seed)
-    state_dir = resume_dir(ctx, name.replace(":", "-"))
-    resumed = load_resume(state_dir, model, optimizer)
-    start, metrics = resumed if resumed is not None else (0, Metrics())
-    if start:
-        ctx.log(f"distill {name}: resuming at step {start}/{steps}")
-    for step in ctx.progress(range(start, steps), desc=f"distill {name}", total=steps - start):
-        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        batches = [collate([train[i] for i in idx], tok.pad_id)
-                   for idx in plan.step(data_offset + step, cfg.grad_accum)]
-        t = time.perf_counter()
-        stats = optimizer_step(model, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
-                               device=device, step=step)
-        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
-                    tokens_per_s=stats.tokens / (time.perf_counter() - t))
-        done = step + 1
-        if done % cfg.log_every == 0:
-            ctx.log(f"distill {name}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f}")
-        if done == steps and val_batches:
-            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
-        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
-            save_resume(state_dir, model, optimizer, done, metrics)
-    return metrics
+    state_dir, start, metrics = start_or_resume(ctx, name.replace(":", "-"), model, optimizer, steps,
+                                                f"distill {name}")
+    return train_loop(model, optimizer, train, plan, loss_fn, cfg, steps=steps, start=start, metrics=metrics,
+                      pad_id=tok.pad_id, val_batches=val_batches, device=device, ctx=ctx,
+                      label=f"distill {name}", state_dir=state_dir, data_offset=data_offset)
 
 
 def _init_student(spec: StudentSpec, teacher: Transformer, teacher_tok: Tokenizer, device: str,

@@ -27,9 +27,10 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,7 @@ from lm.checkpoint import CheckpointError, load_training_state, read_safetensors
 from lm.logprobs import token_logprobs
 from lm.model import MODEL_PRESETS, Transformer
 from lm.tokenizer import ANSWER, ANSWER_END, IM_END, IM_START, THINK, THINK_END, Tokenizer
-from lm.train import autocast_context, check_finite, clip_grad, lr_at
+from lm.train import autocast_context, check_finite, clip_grad, lr_at, set_lr
 from stages.context import StageContext
 
 # The format tags a model writes as single special ids; other special-token strings found in data
@@ -551,6 +552,62 @@ def load_resume(directory: Path | None, model: Transformer,
 def resume_dir(ctx: StageContext, name: str) -> Path | None:
     """Where one training run of a stage keeps its resume state (None: the context has no run_dir)."""
     return None if ctx.run_dir is None else Path(ctx.run_dir) / name
+
+
+def start_or_resume(ctx: StageContext, name: str, model: Transformer, optimizer: torch.optim.Optimizer,
+                    steps: int, label: str) -> tuple[Path | None, int, Metrics]:
+    """(resume directory, steps already done, metrics so far) for one training run: restored
+    from `resume_dir(ctx, name)` when an interrupted run left a state there, else a fresh start."""
+    state_dir = resume_dir(ctx, name)
+    resumed = load_resume(state_dir, model, optimizer)
+    start, metrics = resumed if resumed is not None else (0, Metrics())
+    if start:
+        ctx.log(f"{label}: resuming at step {start}/{steps}")
+    return state_dir, start, metrics
+
+
+class LoopConfig(Protocol):
+    """The config fields `train_loop` reads (base, sft and distill Configs all have them)."""
+
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_accum: int
+    clip: float
+    autocast: bool
+    log_every: int
+    checkpoint_every: int
+
+
+def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: Sequence[Example], plan: BatchPlan,
+               loss_fn: LossFn, cfg: LoopConfig, *, steps: int, start: int, metrics: Metrics, pad_id: int,
+               val_batches: Sequence[Batch], device: str, ctx: StageContext, label: str,
+               state_dir: Path | None, eval_every: int | None = None, data_offset: int = 0) -> Metrics:
+    """Steps `start`..`steps`-1 of warmup + cosine AdamW over `plan`'s batches of `examples`.
+
+    Each step records loss, lr, grad_norm, tokens_per_s and tokens in `metrics`; the validation
+    loss is added every `eval_every` steps (None: only at the end) and after the last step; a log
+    line every `log_every` steps; the resume state is saved every `checkpoint_every` steps and
+    after the last. `data_offset` shifts the batch plan (a phase continuing data an earlier phase
+    consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
+    """
+    for step in ctx.progress(range(start, steps), desc=label, total=steps - start):
+        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        batches = [collate([examples[i] for i in idx], pad_id) for idx in plan.step(data_offset + step, cfg.grad_accum)]
+        t = time.perf_counter()
+        stats = optimizer_step(model, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
+                               device=device, step=step)
+        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
+                    tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
+        done = step + 1
+        if val_batches and (done == steps or (eval_every is not None and done % eval_every == 0)):
+            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
+        if done % cfg.log_every == 0:
+            ctx.log(f"{label}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f} lr {lr:.2e}")
+        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            save_resume(state_dir, model, optimizer, done, metrics)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,11 +30,10 @@ from artifacts.store import write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.lora import LoraConfig, apply_lora, lora_parameters
 from lm.tokenizer import TEMPLATE_NAMES
-from lm.train import make_optimizer, resolve_device, set_lr
+from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Metrics, collate, fixed_batches, lm_loss_sum,
-                                load_resume, lr_schedule, optimizer_step, read_pairs, resume_dir, save_resume,
-                                split_by_group, steps_for_epochs, validation_loss)
+from stages.lm_training import (METRICS_SCHEMA, BatchPlan, fixed_batches, lm_loss_sum, read_pairs, split_by_group,
+                                start_or_resume, steps_for_epochs, train_loop, validation_loss)
 
 INPUTS: tuple[str, ...] = ("base", "cold_start")
 SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}
@@ -101,30 +100,13 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     plan = BatchPlan([len(e) for e in train], cfg.batch_size, ctx.seed)
-    state_dir = resume_dir(ctx, "sft")
-    resumed = load_resume(state_dir, model, optimizer)
-    start, metrics = resumed if resumed is not None else (0, Metrics())
-    if start:
-        ctx.log(f"sft: resuming at step {start}/{steps}")
+    state_dir, start, metrics = start_or_resume(ctx, "sft", model, optimizer, steps, "sft")
     if start == 0 and val_batches:
         metrics.add(0, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
 
-    for step in ctx.progress(range(start, steps), desc="sft", total=steps - start):
-        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        batches = [collate([train[i] for i in idx], tok.pad_id) for idx in plan.step(step, cfg.grad_accum)]
-        t = time.perf_counter()
-        stats = optimizer_step(model, optimizer, batches, lm_loss_sum, clip=cfg.clip, autocast=cfg.autocast,
-                               device=device, step=step)
-        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
-                    tokens_per_s=stats.tokens / (time.perf_counter() - t))
-        done = step + 1
-        if val_batches and (done % cfg.eval_every == 0 or done == steps):
-            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
-        if done % cfg.log_every == 0:
-            ctx.log(f"sft: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f}")
-        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
-            save_resume(state_dir, model, optimizer, done, metrics)
+    train_loop(model, optimizer, train, plan, lm_loss_sum, cfg, steps=steps, start=start, metrics=metrics,
+               pad_id=tok.pad_id, val_batches=val_batches, device=device, ctx=ctx, label="sft",
+               state_dir=state_dir, eval_every=cfg.eval_every)
 
     model.eval()
     meta = {"stage": "sft", "base": base_meta, "steps": steps, "lora_rank": cfg.lora_rank}
