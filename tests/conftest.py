@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -22,18 +21,10 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def micro_run(prefect_harness, tmp_path_factory):
     """The full flow on the `micro` preset, run once per session: (root, run_id, run --json)."""
-    import json
-    from contextlib import redirect_stdout
-    from io import StringIO
-
-    from pipeline.cli import main
+    from tests.pipeline.cli_helpers import cli_json
 
     root = tmp_path_factory.mktemp("micro-root")
-    buf = StringIO()
-    with redirect_stdout(buf):
-        code = main(["run", "--preset", "micro", "--root", str(root), "--run-id", "micro-1", "--json"])
-    assert code == 0, buf.getvalue()
-    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    summary = cli_json("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-1", "--json")
     return root, "micro-1", summary
 
 

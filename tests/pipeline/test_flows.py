@@ -1,23 +1,14 @@
 """The full flow under Prefect (one session-scoped test harness), on the `micro` preset."""
 import json
-from contextlib import redirect_stdout
-from io import StringIO
 
 import pytest
 
 from artifacts import RunStore, verify
-from pipeline.cli import main
 from pipeline.config import STAGES
 from pipeline.inspect import inspect_dataset, resolve
+from tests.pipeline.cli_helpers import cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _cli(*args):
-    buf = StringIO()
-    with redirect_stdout(buf):
-        code = main(list(args))
-    return code, buf.getvalue()
 
 
 def test_full_flow_on_micro_preset(micro_run):
@@ -40,7 +31,7 @@ def test_full_flow_on_micro_preset(micro_run):
 
 def test_second_identical_run_reuses_every_stage(micro_run):
     root, _, _ = micro_run
-    code, out = _cli("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-2", "--json")
+    code, out = cli("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-2", "--json")
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert {s["status"] for s in summary["stages"].values()} == {"cached"}
@@ -51,7 +42,7 @@ def test_second_identical_run_reuses_every_stage(micro_run):
 def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
     root, run_id = micro_copy
     before = RunStore(root).load(run_id)
-    code, _ = _cli("stage", "sft", "--run", run_id, "--root", str(root), "--set", "sft.lr=0.0007")
+    code, _ = cli("stage", "sft", "--run", run_id, "--root", str(root), "--set", "sft.lr=0.0007")
     assert code == 0
     after = RunStore(root).load(run_id)
     assert after.stages["sft"].status == "ran"
@@ -61,15 +52,15 @@ def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
         assert after.stages[up] == before.stages[up]  # upstream untouched
     for down in ("rl_reasoning", "rejection_sampling", "distill", "evaluate"):
         assert after.stages[down].status == "stale"
-    code, out = _cli("runs", "--root", str(root))
+    code, out = cli("runs", "--root", str(root))
     assert "stale" in out
 
 
 def test_cached_stage_rerun_and_force(micro_copy):
     root, run_id = micro_copy
-    code, _ = _cli("stage", "cold_start", "--run", run_id, "--root", str(root))
+    code, _ = cli("stage", "cold_start", "--run", run_id, "--root", str(root))
     assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "cached"
-    code, _ = _cli("stage", "cold_start", "--run", run_id, "--root", str(root), "--force")
+    code, _ = cli("stage", "cold_start", "--run", run_id, "--root", str(root), "--force")
     assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "ran"
 
 
@@ -80,7 +71,7 @@ def test_corrupt_upstream_artifact_is_named(micro_copy, capsys):
 
     data = Path(record.stages["cold_start"].path) / "cold_start.parquet"
     data.write_bytes(data.read_bytes()[:-7] + b"garbage")
-    code, _ = _cli("stage", "sft", "--run", run_id, "--root", str(root), "--force")
+    code, _ = cli("stage", "sft", "--run", run_id, "--root", str(root), "--force")
     assert code == 2
     err = capsys.readouterr().err
     assert "upstream cold_start artifact is unusable" in err and "corrupt" in err
@@ -88,7 +79,7 @@ def test_corrupt_upstream_artifact_is_named(micro_copy, capsys):
 
 def test_report_writes_markdown_and_plots(micro_run, tmp_path):
     root, run_id, _ = micro_run
-    code, out = _cli("report", run_id, "--root", str(root), "--out", str(tmp_path))
+    code, out = cli("report", run_id, "--root", str(root), "--out", str(tmp_path))
     assert code == 0
     md = (tmp_path / "report.md").read_text()
     assert "## Evaluation" in md and "| rl_zero |" in md
@@ -100,8 +91,8 @@ def test_report_writes_markdown_and_plots(micro_run, tmp_path):
 def test_bad_user_problem_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "problems.jsonl"
     bad.write_text('{"question": "1 + 1", "answer": "2"}\n')  # no `prompt` column
-    code, _ = _cli("run", "--preset", "micro", "--root", str(tmp_path / "root"), "--set", "problems.source=file",
-                   "--set", f"problems.path={json.dumps(str(bad))}")
+    code, _ = cli("run", "--preset", "micro", "--root", str(tmp_path / "root"), "--set", "problems.source=file",
+                  "--set", f"problems.path={json.dumps(str(bad))}")
     assert code == 2
     err = capsys.readouterr().err
     assert "stage problems failed" in err and "prompt" in err

@@ -1,23 +1,14 @@
 import json
-from contextlib import redirect_stdout
-from io import StringIO
 
 import pytest
 
-from pipeline.cli import main
-
-
-def _cli(*args):
-    buf = StringIO()
-    with redirect_stdout(buf):
-        code = main(list(args))
-    return code, buf.getvalue()
+from tests.pipeline.cli_helpers import cli
 
 
 def test_generate_json_from_a_run_checkpoint(micro_run):
     root, run_id, _ = micro_run
-    code, out = _cli("generate", "--model", f"{run_id}/rl_zero", "--prompt", "What is 2 + 3?", "--chat",
-                     "--max-new-tokens", "6", "--json", "--root", str(root))
+    code, out = cli("generate", "--model", f"{run_id}/rl_zero", "--prompt", "What is 2 + 3?", "--chat",
+                    "--max-new-tokens", "6", "--json", "--root", str(root))
     assert code == 0
     g = json.loads(out)
     assert 1 <= len(g["token_ids"]) <= 6 and len(g["logprobs"]) == len(g["token_ids"])
@@ -33,7 +24,7 @@ def test_generate_greedy_is_deterministic(micro_run):
     root, run_id, _ = micro_run
     args = ("generate", "--model", f"{run_id}/base", "--prompt", "User: 1 + 1\nAssistant:", "--max-new-tokens", "5",
             "--root", str(root))
-    assert _cli(*args) == _cli(*args)
+    assert cli(*args) == cli(*args)
 
 
 @pytest.mark.parametrize("source, message", [
@@ -43,6 +34,6 @@ def test_generate_greedy_is_deterministic(micro_run):
 def test_generate_bad_model_source(tmp_path, capsys, source, message):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"not a gguf file at all")
-    code = main(["generate", "--model", source.format(bad=bad), "--prompt", "x", "--root", str(tmp_path)])
+    code, _ = cli("generate", "--model", source.format(bad=bad), "--prompt", "x", "--root", str(tmp_path))
     assert code == 2
     assert message in capsys.readouterr().err

@@ -1,13 +1,10 @@
 """The real pretrained model through every stage (slow: run with `python -m pytest -m slow`)."""
-import json
-from contextlib import redirect_stdout
-from io import StringIO
 
 import pytest
 
 from artifacts import verify
-from pipeline.cli import main
 from pipeline.config import STAGES
+from tests.pipeline.cli_helpers import cli_json
 
 pytest.importorskip("gguf")
 
@@ -30,10 +27,7 @@ def test_smollm2_preset_runs_every_stage(prefect_harness, tmp_path):
     args = ["run", "--preset", "smollm2-135m", "--root", str(tmp_path), "--json"]
     for s in tiny_steps:
         args += ["--set", s]
-    buf = StringIO()
-    with redirect_stdout(buf):
-        assert main(args) == 0
-    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    summary = cli_json(*args)
     assert summary["status"] == "succeeded"
     for name in STAGES:
         assert summary["stages"][name]["status"] == "ran"

@@ -1,28 +1,23 @@
 """The embedded default end to end: `r1flow run` on the tiny preset reaches the R1 recipe's effects
 (issue 8). Slow (about 10 minutes a run on 2 CPU cores): `python -m pytest -m slow tests/pipeline/test_tiny_outcomes.py`.
 """
-import json
 import time
-from contextlib import redirect_stdout
-from io import StringIO
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from artifacts import verify
-from pipeline.cli import main
 from pipeline.config import STAGES
+from tests.pipeline.cli_helpers import cli_json
 
 BUDGET_S = 15 * 60
 
 
 def run_tiny(root: Path) -> tuple[dict, float]:
-    buf = StringIO()
     start = time.perf_counter()
-    with redirect_stdout(buf):
-        assert main(["run", "--preset", "tiny", "--root", str(root), "--json"]) == 0
-    return json.loads(buf.getvalue().strip().splitlines()[-1]), time.perf_counter() - start
+    summary = cli_json("run", "--preset", "tiny", "--root", str(root), "--json")
+    return summary, time.perf_counter() - start
 
 
 def summary_by_checkpoint(run: dict) -> dict[str, dict]:
