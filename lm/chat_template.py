@@ -15,6 +15,22 @@ from typing import Mapping, Sequence
 
 Message = Mapping[str, str]
 
+# DeepSeek-R1-Zero's training template (DeepSeek-AI 2025, Table 1), verbatim; "r1_zero_short" is a
+# compact variant for tiny CPU models, whose compute is dominated by prompt length.
+TEMPLATES: dict[str, str] = {
+    "r1_zero": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant "
+        "solves it. The assistant first thinks about the reasoning process in the mind and then "
+        "provides the user with the answer. The reasoning process and answer are enclosed within "
+        "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+        "process here </think> <answer> answer here </answer>. User: {question}. Assistant:"
+    ),
+    "r1_zero_short": "User: {question}\nAssistant:",
+}
+
+# Every name `Tokenizer.render_prompt` accepts: the plain templates, and "chat" (the model's own).
+TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat")
+
 
 class ChatTemplateError(ValueError):
     """The chat template cannot be rendered."""
@@ -92,8 +108,6 @@ def render_chatml(template: str, messages: Sequence[Message], add_generation_pro
 def r1_system_prompt() -> str:
     """DeepSeek-R1-Zero's instruction (the `r1_zero` template up to " User:"), used as the system
     turn when a chat model gets the R1 prompt through its own template."""
-    from lm.tokenizer import TEMPLATES
-
     return TEMPLATES["r1_zero"].split(" User:")[0]
 
 

@@ -9,6 +9,9 @@ side by side, compatibility checks in one loader):
 
 Resume state for training (optimizer moments, step, RNG states) is written beside it, also
 without pickle: tensors in `train_state.safetensors`, everything else in `train_state.json`.
+`save_resume` / `load_resume` are the one resume helper every training loop (base, sft, distill,
+GRPO) uses: weights + training state + the loop's own JSON `extra` in a `step-<n>/` folder behind
+an atomically replaced `LATEST` pointer.
 
 Every write goes to a temporary sibling directory and is renamed into place, so a crash leaves
 the previous checkpoint intact (the "last good checkpoint" the non-finite guard relies on).
@@ -33,7 +36,7 @@ from torch import Tensor
 from lm.model import ModelConfig, Transformer
 from lm.tokenizer import Tokenizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "load_training_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "load_training_state", "save_resume", "load_resume",
            "CheckpointError", "resolve_dtype", "read_safetensors", "export_state_dict", "expected_shapes"]
 
 FORMAT = "r1flow-checkpoint-v1"
@@ -306,3 +309,54 @@ def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     name, keys, pos, has_gauss, cached = doc["rng_numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     return {"step": doc["step"], "extra": doc["extra"]}
+
+
+_LATEST = "LATEST"
+_RESUME_WEIGHTS = "weights.safetensors"
+
+
+def save_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                extra: dict[str, Any]) -> None:
+    """Save everything a resumed loop needs to continue as if never stopped, into `directory`.
+
+    Each save is a fresh `step-<n>/` folder (the model's state_dict as it is, LoRA adapters
+    included, plus `save_training_state`: optimizer moments, step, RNG states and the loop's
+    JSON-able `extra`, e.g. its metric rows); the `LATEST` pointer is replaced atomically only
+    after the folder is complete, then older folders go. A crash at any point leaves the previous
+    complete state as the one `load_resume` finds.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    target = directory / name
+    save_training_state(target / "state", optimizer, step, extra=extra)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = target / f".{_RESUME_WEIGHTS}.tmp"
+    tmp.write_bytes(st_save(sd))
+    os.replace(tmp, target / _RESUME_WEIGHTS)
+    pointer = directory / f".{_LATEST}.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, directory / _LATEST)
+    for old in directory.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume(directory: Path | None, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]] | None:
+    """Restore the latest state `save_resume` wrote into `model` and `optimizer`; None when there
+    is none (a fresh start).
+
+    Returns:
+        (the number of steps already done, the `extra` saved with them).
+    """
+    if directory is None or not (directory / _LATEST).is_file():
+        return None
+    target = directory / (directory / _LATEST).read_text().strip()
+    weights = read_safetensors(target / _RESUME_WEIGHTS)
+    device = next(iter(model.parameters())).device
+    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"resume state {target} does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; delete {directory} to start over")
+    state = load_training_state(target / "state", optimizer)
+    return int(state["step"]), state["extra"]

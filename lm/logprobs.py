@@ -6,8 +6,14 @@ targets. This module computes them from one forward pass, projecting onto the vo
 rows whose next token is a completion token, a chunk of rows at a time: a 49k-vocabulary model then
 never holds a [B, T, V] logits tensor. With autograd on, each chunk is recomputed in the backward
 pass (activation checkpointing) so its [rows, V] logits are not kept either.
+
+`completion_logprobs` is the same quantity for G completions that share a prompt (GRPO's groups):
+each prompt runs once and its completions attend to its keys/values through `SharedPrefixKV`, an
+`lm.model.Cache` that prepends the prompt's keys/values instead of storing anything in place.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lm.model import Transformer
 
-__all__ = ["token_logprobs", "padding_layout"]
+__all__ = ["token_logprobs", "padding_layout", "completion_logprobs", "PrefixBatch", "PromptKV", "SharedPrefixKV"]
 
 # Logits elements per chunk (rows x vocab): 4M floats = 16 MB in fp32.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -49,6 +55,24 @@ def token_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor
     score[:, 0] = False
     rows = hidden[:, :-1][score[:, 1:]]  # [N, D] states that predict a scored token
     targets = input_ids[:, 1:][score[:, 1:]]  # [N]
+    values = target_logprobs(model, rows, targets, temperature=temperature, chunk_elements=chunk_elements)  # [N]
+    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # [B, T]
+    return out.masked_scatter(score, values)  # [B, T]
+
+
+def target_logprobs(model: Transformer, rows: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+    """log_softmax(rows Wᵀ / temperature)[target] for N hidden states, projected onto the
+    vocabulary a chunk of rows at a time (checkpointed under autograd, so no [n, V] logits are
+    kept for the backward pass).
+
+    Args:
+        rows: [N, D] final normed hidden states, each predicting one target.
+        targets: [N] token ids.
+
+    Returns:
+        [N] float32 log-probs.
+    """
     weight = model.output_weight  # [V, D]
     chunk = max(1, chunk_elements // weight.shape[0])
     pieces = []
@@ -58,9 +82,9 @@ def token_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor
             pieces.append(checkpoint(_chunk_logprobs, h, y, weight, temperature, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, y, weight, temperature))  # [n]
-    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # [N]
-    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # [B, T]
-    return out.masked_scatter(score, values.float())  # [B, T]
+    if not pieces:
+        return rows.new_zeros(0, dtype=torch.float32)  # [0]
+    return torch.cat(pieces).float()  # [N]
 
 
 def _chunk_logprobs(h: Tensor, targets: Tensor, weight: Tensor, temperature: float) -> Tensor:
@@ -83,3 +107,81 @@ def padding_layout(attention_mask: Tensor) -> tuple[Tensor | None, Tensor | None
         return None, None
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_(min=0)  # [B, T]
     return positions, attention_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Completions that share a prompt
+
+
+class PrefixBatch(Protocol):
+    """G completions per prompt, each prompt stored once (GRPO's `TrainBatch` fits)."""
+
+    prompt_ids: Tensor  # [P, Lp] left-padded
+    prompt_mask: Tensor  # [P, Lp] bool, real prompt tokens
+    completion_ids: Tensor  # [N, Lc] right-padded
+    completion_real: Tensor  # [N, Lc] bool, generated tokens (what attention may see)
+    group: Tensor  # [N] long, prompt row of each completion
+
+
+class PromptKV:
+    """An `lm.model.Cache` that keeps each layer's prompt keys/values as they are (no in-place
+    writes, so autograd can flow through them)."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer], self.v[layer] = k, v  # [P, Hkv, Lp, hd] each
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class SharedPrefixKV:
+    """An `lm.model.Cache` that prepends each completion row's prompt keys/values (gathered by
+    `group`) to the completion's own, so completions attend to a prompt computed once."""
+
+    def __init__(self, prompt: PromptKV, group: Tensor) -> None:
+        self.pos, self.prompt, self.group = prompt.pos, prompt, group
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        pk = self.prompt.k[layer].index_select(0, self.group)  # [N, Hkv, Lp, hd]
+        pv = self.prompt.v[layer].index_select(0, self.group)  # [N, Hkv, Lp, hd]
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [N, Hkv, Lp+Lc, hd] each
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+def completion_logprobs(model: Transformer, b: PrefixBatch, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+    """log π(o_t | q, o_<t) of every completion token, each group's prompt computed once.
+
+    Equal (to fp32 rounding; tested) to `token_logprobs` over the concatenated sequences, with
+    P·Lp + N·Lc tokens through the model instead of N·(Lp + Lc): 22% less forward/backward work at
+    the GRPO benchmark's shape (prompts ~22 tokens, 64 new). The prompt pass records keys/values
+    per layer in `PromptKV`; the completion pass runs through the same `Transformer.forward` with
+    `SharedPrefixKV` as its cache, rotary positions continuing after each row's prompt and a key
+    mask hiding prompt and completion padding.
+
+    Returns:
+        [N, Lc] float32 log-probs, 0 on padding.
+    """
+    N, Lc = b.completion_ids.shape
+    p_pos = (b.prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [P, Lp]
+    prompt_kv = PromptKV()
+    hp = model(b.prompt_ids, positions=p_pos, key_mask=b.prompt_mask, cache=prompt_kv,
+               return_hidden=True)  # [P, Lp, D]
+    c_pos = b.prompt_mask.sum(dim=1)[b.group].unsqueeze(1) + torch.arange(Lc, device=b.group.device)  # [N, Lc]
+    c_pos = c_pos.clamp(max=model.config.max_seq_len - 1)  # only padding can pass the end
+    key_mask = torch.cat([b.prompt_mask[b.group], b.completion_real], dim=1)  # [N, Lp+Lc]
+    hc = model(b.completion_ids, positions=c_pos, key_mask=key_mask, cache=SharedPrefixKV(prompt_kv, b.group),
+               return_hidden=True)  # [N, Lc, D]
+    # token t is predicted by the state before it: the prompt's last state for t = 0
+    pred = torch.cat([hp[:, -1][b.group].unsqueeze(1), hc[:, :-1]], dim=1)  # [N, Lc, D]
+    rows, targets = pred[b.completion_real], b.completion_ids[b.completion_real]  # [n, D], [n]
+    values = target_logprobs(model, rows, targets, chunk_elements=chunk_elements)  # [n]
+    out = torch.zeros(N, Lc, dtype=torch.float32, device=b.completion_ids.device)  # [N, Lc]
+    return out.masked_scatter(b.completion_real, values)  # [N, Lc]

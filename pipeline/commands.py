@@ -11,17 +11,9 @@ import sys
 from pathlib import Path
 
 from artifacts import RunStore
-from pipeline.config import STAGES, apply_overrides, load_config, validate
+from pipeline.config import STAGES, load_config
+from pipeline.runner import update_run_config
 from pipeline.runs_view import run_summary
-
-
-def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:
-    """Apply `--set` overrides to a run's recorded config (validated before anything changes)."""
-    runs = RunStore(root)
-    record = runs.load(run_id)
-    cfg = validate(apply_overrides(record.config, overrides), preset=record.preset)
-    record.config = cfg.to_dict()
-    runs.save(record)
 
 
 def _print_table(root: Path, run_id: str) -> None:

@@ -29,10 +29,6 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the problem."""
 
 
-class StageUnavailable(ConfigError):
-    """A stage of the recipe that this build of r1flow does not implement."""
-
-
 class RunSettings(BaseModel):
     """Settings shared by every stage of a run (the `[run]` section)."""
 
@@ -56,20 +52,15 @@ class RunConfig:
 
     def stage(self, name: str) -> BaseModel:
         if name not in self.stages:
-            raise StageUnavailable(f"stage {name!r} is not configured in this run")
+            raise ConfigError(f"stage {name!r} is not configured in this run")
         return self.stages[name]
 
 
 def stage_module(name: str) -> ModuleType:
-    """The module implementing a stage; StageUnavailable if this build has none."""
+    """The module implementing a stage (every name in STAGES has one)."""
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
-    try:
-        return importlib.import_module(f"stages.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"stages.{name}":
-            raise StageUnavailable(f"stage {name!r} is not implemented in this version of r1flow") from e
-        raise
+    return importlib.import_module(f"stages.{name}")
 
 
 def available_presets() -> list[str]:

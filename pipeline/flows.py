@@ -25,8 +25,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from artifacts import ArtifactError, RunStore, read_manifest
+from lm.train import resolve_device
 from pipeline.config import STAGES, ConfigError, RunConfig, validate
-from pipeline.runner import execute_stage, finish_run, resolve_device
+from pipeline.runner import execute_stage, finish_run, update_run_config
 
 DEVICE_FREE_STAGES = {"problems"}
 DEVICE_LEASE_S = 60.0  # the server's minimum
@@ -187,8 +188,6 @@ def distill_flow(teacher_run: str, students: list[str], root: str, overrides: li
     The students' artifacts are written into the teacher's run (its `distill` stage), so
     `r1flow inspect TEACHER/distill` and `r1flow runs` show them; `evaluate` becomes stale.
     """
-    from pipeline.commands import update_run_config
-
     student_specs = [{"name": s, "model": s} for s in students]
     update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
     return stage_task("distill", teacher_run, root)

@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from lm.loading import load_model
     from lm.sampler import SamplingParams, TorchSampler
-    from pipeline.runner import resolve_device
+    from lm.train import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(resolve_source(args.model, Path(args.root)), device=device, dtype=args.dtype)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from artifacts import MANIFEST, ArtifactError, RunStore, open_parquet, read_manifest
+from artifacts import ArtifactError, RunStore, open_parquet, read_manifest
 from artifacts.store import default_root
 
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(==|!=|>=|<=|>|<|=|~)\s*(.*?)\s*$")
@@ -192,6 +192,3 @@ def render(info: dict[str, Any]) -> str:
         lines.append("(no rows)")
     return "\n".join(lines)
 
-
-def is_artifact_dir(path: Path) -> bool:
-    return (path / MANIFEST).is_file()

@@ -1,9 +1,12 @@
 """Execute stages against the artifact store and a run record; Prefect wraps these functions.
 
 This module holds everything "run a stage" means apart from orchestration: resolve and verify the
-upstream artifacts, compute the cache key, reuse or produce the artifact atomically, give the
-stage a scratch directory that survives a crash (so it can resume), and record the outcome.
-`pipeline/flows.py` calls `execute_stage` from Prefect tasks; tests call it directly.
+upstream artifacts, compute the cache key (with the device and dtype `lm.train` resolves, the
+ones the stage runs with), reuse or produce the artifact atomically (a corrupt cached artifact is
+recomputed), give the stage a scratch directory that survives a crash (so it can resume), record
+the outcome (a failure with its message) and mark downstream stages stale when an artifact
+changed. `pipeline/flows.py` calls `execute_stage` from Prefect tasks; `tests/pipeline/test_runner.py`
+calls it directly.
 """
 from __future__ import annotations
 
@@ -16,22 +19,9 @@ from typing import Callable
 
 from artifacts import ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
 from artifacts.runs import now_iso, process_owner
-from pipeline.config import STAGES, RunConfig, stage_module
+from lm.train import resolve_device, resolve_dtype_name
+from pipeline.config import STAGES, RunConfig, apply_overrides, stage_module, validate
 from stages.context import StageContext
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.startswith("cuda") else "fp32"
 
 
 @dataclass
@@ -62,7 +52,7 @@ def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[
         "stage": cfg.stage(name).model_dump(mode="json"),
         # Seed and dtype change the bytes a stage produces; the device does not (by intent).
         "seed": cfg.run.seed,
-        "dtype": resolve_dtype(cfg.run.dtype, resolve_device(cfg.run.device)),
+        "dtype": resolve_dtype_name(cfg.run.dtype, resolve_device(cfg.run.device)),
     }
     return cache_key(name, payload, input_hashes, code_version()), payload
 
@@ -120,7 +110,7 @@ def execute_stage(
         device = resolve_device(cfg.run.device)
         scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
         scratch.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype(cfg.run.dtype, device),
+        ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
                            run_dir=scratch, log=log)
         if progress is not None:
             ctx.progress = progress
@@ -155,6 +145,15 @@ def execute_stage(
             log(f"{name}: new artifact; downstream stages now stale: {', '.join(stale)}")
     runs.save(record)
     return StageOutcome(name, status, store.path_for(name, key), seconds, manifest.summary)
+
+
+def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:
+    """Apply `--set` overrides to a run's recorded config (validated before anything changes)."""
+    runs = RunStore(root)
+    record = runs.load(run_id)
+    cfg = validate(apply_overrides(record.config, overrides), preset=record.preset)
+    record.config = cfg.to_dict()
+    runs.save(record)
 
 
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:

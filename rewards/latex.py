@@ -185,7 +185,6 @@ _FUNCS = {
     "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "ln": sympy.log,
     "log": sympy.log, "exp": sympy.exp, "lg": lambda x: sympy.log(x, 10),
 }
-_TRIG = frozenset({"sin", "cos", "tan", "sec", "csc", "cot"})
 _INVERSE = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}
 _GREEK = frozenset({
     "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",

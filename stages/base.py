@@ -43,8 +43,9 @@ from lm.model import MODEL_PRESETS
 from lm.tokenizer import train_bpe
 from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Metrics, fixed_batches, lm_loss_sum, new_model, pack,
+from stages.lm_training import (BatchPlan, Metrics, fixed_batches, lm_loss_sum, new_model, pack,
                                 read_text_columns, split_holdout, start_or_resume, tokenize_documents, train_loop)
+from stages.metrics import METRICS_SCHEMA
 
 INPUTS: tuple[str, ...] = ("problems",)
 SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}

@@ -43,14 +43,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from artifacts.store import write_table
+from lm.chat_template import TEMPLATE_NAMES
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.model import MODEL_PRESETS, Transformer
-from lm.tokenizer import TEMPLATE_NAMES, Tokenizer
+from lm.tokenizer import Tokenizer
 from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_FIELDS, Batch, BatchPlan, Example, LossFn, Metrics, distill_loss_sum,
+from stages.lm_training import (Batch, BatchPlan, Example, LossFn, Metrics, distill_loss_sum,
                                 fixed_batches, lm_loss_sum, new_model, read_pairs, read_text_columns, split_by_group,
                                 start_or_resume, tokenize_documents, train_loop)
+from stages.metrics import METRICS_FIELDS
 
 INPUTS: tuple[str, ...] = ("rejection_sampling", "rl_reasoning", "problems")
 METRICS_SCHEMA = pa.schema([pa.field("student", pa.string(), nullable=False), *METRICS_FIELDS])

@@ -16,8 +16,8 @@ How a step runs (and why it is fast on a CPU):
   the loss is taken, so the ratio is exactly 1 and the loss uses `logp.detach()` as old log-probs
   (TRL does the same); the sampler's are used only when μ > 1 or there are several mini-batches.
 - The G completions of a prompt share it, so the training and reference forwards compute each
-  prompt once and let the completions attend to its keys/values (`completion_logprobs`, the same
-  `Transformer.forward` with a cache-like object); only completion rows are projected onto the
+  prompt once and let the completions attend to its keys/values (`lm.logprobs.completion_logprobs`,
+  the same `Transformer.forward` with a shared-prefix `Cache`); only completion rows are projected onto the
   vocabulary. This is `lm.logprobs.token_logprobs` over the concatenated sequences, minus the
   repeated prompt work (22% less at the benchmark's shape).
 - The reference model (a frozen copy of the initial policy) runs under `inference_mode` and, in
@@ -29,7 +29,7 @@ Precision: generation runs in fp32 (the master weights); the training and refere
 under bf16 autocast when `autocast` is on and the device does bf16 natively (1.45x faster on the
 reference CPU for the base stage). Then the sampler's fp32 log-probs would differ from the
 training forward's by bf16 rounding, so with μ > 1 the old log-probs are recomputed by one no-grad
-forward instead. In fp32 on a CPU, matmuls go to oneDNN when it is fp32-exact (`fast_fp32_matmul`).
+forward instead. In fp32 on a CPU, matmuls go to oneDNN when it is fp32-exact (`lm.train.fast_fp32_matmul`).
 
 Departure: the entropy metric is the sample estimate −mean log π(o_t) over the sampled tokens (the
 exact entropy needs the full vocabulary distribution at every position).
@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -57,19 +55,22 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from artifacts.store import read_table, write_table
-from lm.checkpoint import load_training_state, read_safetensors, save_checkpoint, save_training_state
+from artifacts.store import write_table
+from lm.checkpoint import load_resume as load_resume_state
+from lm.checkpoint import save_checkpoint
+from lm.checkpoint import save_resume as save_resume_state
 from lm.model import Transformer
 from lm.sampler import Generation, Sampler, SamplingParams, TorchSampler, completion_text
 from lm.tokenizer import Tokenizer
-from lm.train import autocast_context, check_finite, clip_grad, lr_at, make_optimizer, resolve_dtype_name, set_lr
+from lm.logprobs import completion_logprobs
+from lm.train import (autocast_context, check_finite, clip_grad, fast_fp32_matmul, lr_at, make_optimizer,
+                      resolve_dtype_name, set_lr, training_precision)
 from stages.context import StageContext
 from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, LossScale, grpo_loss, mask_truncated
+from stages.metrics import METRICS_SCHEMA
 from stages.sampling import (Problem, check_prompt_lengths, choose, encode_prompts, load_policy, read_problems,
                              sample_completions, sampling_params, stage_seed)
 
@@ -144,11 +145,6 @@ class GRPOConfig(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
-METRICS_SCHEMA = pa.schema([
-    pa.field("step", pa.int64(), nullable=False),
-    pa.field("name", pa.string(), nullable=False),
-    pa.field("value", pa.float64()),
-])
 _ROLLOUT_FIELDS = [
     pa.field("step", pa.int64(), nullable=False),
     pa.field("problem_id", pa.string(), nullable=False),
@@ -301,8 +297,8 @@ class TrainBatch:
     """A batch laid out so each group's prompt is computed once.
 
     Prompts are left-padded (every prompt ends in the last column), completions right-padded, and
-    `group` maps each completion row to its prompt. `completion_logprobs` runs the prompts, then
-    the completions attending to their prompt's keys/values.
+    `group` maps each completion row to its prompt: an `lm.logprobs.PrefixBatch`, which
+    `completion_logprobs` runs prompts first, then completions attending to their prompt's keys/values.
     """
 
     prompt_ids: Tensor  # [P, Lp] left-padded
@@ -350,84 +346,6 @@ def build_batch(prompt_ids: Sequence[list[int]], gens: Sequence[Generation], gro
                       group.to(device), old.to(device), advantages.float().to(device))
 
 
-class _PromptKV:
-    """A stand-in for `lm.model.KVCache` that keeps each layer's prompt keys/values as they are
-    (no in-place writes, so autograd can flow through them)."""
-
-    def __init__(self) -> None:
-        self.pos = 0
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[layer], self.v[layer] = k, v  # [P, Hkv, Lp, hd] each
-        return k, v
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-
-class _SharedPrefixKV:
-    """A stand-in for `KVCache` that prepends each completion row's prompt keys/values (gathered by
-    `group`) to the completion's own, so completions attend to a prompt computed once."""
-
-    def __init__(self, prompt: _PromptKV, group: Tensor) -> None:
-        self.pos, self.prompt, self.group = prompt.pos, prompt, group
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        pk = self.prompt.k[layer].index_select(0, self.group)  # [N, Hkv, Lp, hd]
-        pv = self.prompt.v[layer].index_select(0, self.group)  # [N, Hkv, Lp, hd]
-        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [N, Hkv, Lp+Lc, hd] each
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-
-def completion_logprobs(model: Transformer, b: TrainBatch, chunk_elements: int = 1 << 22) -> Tensor:
-    """log π(o_t | q, o_<t) of every completion token, each group's prompt computed once.
-
-    Equal (to fp32 rounding; tested) to `lm.logprobs.token_logprobs` over the concatenated
-    sequences, with P·Lp + N·Lc tokens through the model instead of N·(Lp + Lc): 22% less
-    forward/backward work at the benchmark's shape (prompts ~22 tokens, 64 new). The prompt pass
-    records keys/values per layer in `_PromptKV`; the completion pass runs through the same
-    `Transformer.forward` with `_SharedPrefixKV` as its cache, rotary positions continuing after
-    each row's prompt and a key mask hiding prompt and completion padding.
-
-    Returns:
-        [N, Lc] float32 log-probs, 0 on padding.
-    """
-    N, Lc = b.completion_ids.shape
-    p_pos = (b.prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [P, Lp]
-    prompt_kv = _PromptKV()
-    hp = model(b.prompt_ids, positions=p_pos, key_mask=b.prompt_mask, cache=prompt_kv,
-               return_hidden=True)  # [P, Lp, D]
-    c_pos = b.prompt_mask.sum(dim=1)[b.group].unsqueeze(1) + torch.arange(Lc, device=b.group.device)  # [N, Lc]
-    c_pos = c_pos.clamp(max=model.config.max_seq_len - 1)  # only padding can pass the end
-    key_mask = torch.cat([b.prompt_mask[b.group], b.completion_real], dim=1)  # [N, Lp+Lc]
-    hc = model(b.completion_ids, positions=c_pos, key_mask=key_mask, cache=_SharedPrefixKV(prompt_kv, b.group),
-               return_hidden=True)  # [N, Lc, D]
-    # token t is predicted by the state before it: the prompt's last state for t = 0
-    pred = torch.cat([hp[:, -1][b.group].unsqueeze(1), hc[:, :-1]], dim=1)  # [N, Lc, D]
-    rows, targets = pred[b.completion_real], b.completion_ids[b.completion_real]  # [n, D], [n]
-    weight = model.output_weight  # [V, D]
-    step = max(1, chunk_elements // weight.shape[0])
-    pieces = []
-    for i in range(0, rows.shape[0], step):
-        h, y = rows[i:i + step], targets[i:i + step]  # [m, D], [m]
-        if torch.is_grad_enabled() and rows.shape[0] > step:  # keep no [m, V] logits for backward
-            pieces.append(checkpoint(_target_logprobs, h, y, weight, use_reentrant=False))
-        else:
-            pieces.append(_target_logprobs(h, y, weight))  # [m]
-    out = torch.zeros(N, Lc, dtype=torch.float32, device=b.completion_ids.device)  # [N, Lc]
-    return out.masked_scatter(b.completion_real, torch.cat(pieces).float())  # [N, Lc]
-
-
-def _target_logprobs(h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
-    """log_softmax(h Wᵀ)[target] for m rows: h [m, D], targets [m] -> [m]."""
-    logits = F.linear(h, weight).float()  # [m, V]
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [m]
-
-
 # --------------------------------------------------------------------------------------------------
 # One step
 
@@ -448,64 +366,6 @@ class PhaseTimer:
 
 
 PHASES = ("generate", "ref_logprobs", "policy_fwd_bwd", "optimizer")
-
-_ONEDNN_FP32: bool | None = None
-
-
-def onednn_fp32_exact() -> bool:
-    """Whether oneDNN computes fp32 matmuls at fp32 accuracy on this CPU (probed once).
-
-    PyTorch sends fp32 CPU matmuls to MKL, whose kernels on AMD CPUs are its AVX2 ones; oneDNN's
-    are AVX-512 (measured 81 vs 194 GFLOP/s single-threaded at the tiny model's shapes on the
-    reference AMD EPYC). The only switch that routes fp32 matmuls to oneDNN is
-    `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, which *permits* bf16 internally; on
-    CPUs without bf16 matrix units oneDNN still computes in fp32. The probe compares both modes
-    against a float64 product and accepts oneDNN only when its error stays at fp32 level (a bf16
-    downcast would be ~1000x larger), so a CPU that would really downcast keeps MKL.
-    """
-    global _ONEDNN_FP32
-    if _ONEDNN_FP32 is None:
-        _ONEDNN_FP32 = _probe_onednn()
-    return _ONEDNN_FP32
-
-
-def _probe_onednn() -> bool:
-    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if mm is None or not hasattr(mm, "fp32_precision") or not torch.backends.mkldnn.is_available():
-        return False
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 512, dtype=torch.float64, generator=g)  # [64, 512]
-    w = torch.randn(128, 512, dtype=torch.float64, generator=g)  # [128, 512]
-    ref = x @ w.T  # [64, 128]
-    old = mm.fp32_precision
-    errors = {}
-    try:
-        for mode in ("ieee", "bf16"):
-            mm.fp32_precision = mode
-            errors[mode] = float((torch.nn.functional.linear(x.float(), w.float()).double() - ref).abs().mean())
-    except (RuntimeError, ValueError):
-        return False
-    finally:
-        mm.fp32_precision = old
-    return errors["bf16"] <= 4 * errors["ieee"] + 1e-7
-
-
-@contextmanager
-def fast_fp32_matmul(device: str, dtype: str) -> Iterator[None]:
-    """Route fp32 CPU matmuls (forward and backward) to oneDNN while inside, when
-    `onednn_fp32_exact()`; restores the previous setting on exit. Generation stays outside: at its
-    32-row matmuls oneDNN's per-call overhead made decoding slower."""
-    if torch.device(device).type != "cpu" or dtype != "fp32" or not onednn_fp32_exact():
-        yield
-        return
-    mm = torch.backends.mkldnn.matmul
-    old = mm.fp32_precision
-    mm.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        mm.fp32_precision = old
-
 
 @dataclass
 class GRPOParts:
@@ -772,58 +632,24 @@ def evaluate(tr: GRPOParts, problems: Sequence[Problem], prompts: Sequence[str],
 RESUME_DIR = "grpo_resume"
 
 
-def save_resume(run_dir: Path, tr: GRPOParts, step: int, rollouts: list[dict], metrics: list[dict],
-                schema: pa.Schema) -> None:
-    """Policy + optimizer + step + prompt cursor + rows so far, swapped in atomically."""
-    final, tmp, old = run_dir / RESUME_DIR, run_dir / f".{RESUME_DIR}.tmp", run_dir / f".{RESUME_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_checkpoint(tmp / "policy", tr.policy, None, {"step": step})
-    save_training_state(tmp / "state", tr.optimizer, step, {"cursor": tr.stream.cursor, "updates": tr.updates})
-    write_table(pa.Table.from_pylist(rollouts, schema=schema), tmp / "rollouts.parquet", schema)
-    write_table(pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA), tmp / "metrics.parquet", METRICS_SCHEMA)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def save_resume(run_dir: Path, tr: GRPOParts, step: int, rollouts: list[dict], metrics: list[dict]) -> None:
+    """Policy + optimizer + step + prompt cursor + rows so far (`lm.checkpoint.save_resume`)."""
+    extra = {"cursor": tr.stream.cursor, "updates": tr.updates, "rollouts": rollouts, "metrics": metrics}
+    save_resume_state(run_dir / RESUME_DIR, tr.policy, tr.optimizer, step, extra)
 
 
-def load_resume(run_dir: Path, tr: GRPOParts, schema: pa.Schema) -> tuple[int, list[dict], list[dict]] | None:
+def load_resume(run_dir: Path, tr: GRPOParts) -> tuple[int, list[dict], list[dict]] | None:
     """Restore the newest resume state into `tr`; returns (step, rollout rows, metric rows) or None."""
-    d = run_dir / RESUME_DIR
-    if not d.is_dir():  # a crash between the two renames of save_resume leaves only the old copy
-        d = run_dir / f".{RESUME_DIR}.old"
-        if not d.is_dir():
-            return None
-    weights = read_safetensors(d / "policy" / "model.safetensors")
-    tr.policy.load_state_dict({k: v.to(tr.device) for k, v in weights.items()}, strict=True)
-    state = load_training_state(d / "state", tr.optimizer)
-    tr.stream.cursor = int(state["extra"]["cursor"])
-    tr.updates = int(state["extra"]["updates"])
-    rollouts = read_table(d / "rollouts.parquet", schema).to_pylist()
-    metrics = read_table(d / "metrics.parquet", METRICS_SCHEMA).to_pylist()
-    return int(state["step"]), rollouts, metrics
+    resumed = load_resume_state(run_dir / RESUME_DIR, tr.policy, tr.optimizer)
+    if resumed is None:
+        return None
+    step, extra = resumed
+    tr.stream.cursor, tr.updates = int(extra["cursor"]), int(extra["updates"])
+    return step, list(extra["rollouts"]), list(extra["metrics"])
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop
-
-
-def training_precision(device: str, dtype: str, autocast: bool) -> str:
-    """"bf16" (autocast over fp32 master weights) when asked for, by `autocast` or a bf16 run, and
-    the device does bf16 natively (CUDA with bf16, a CPU with AVX-512 BF16 / AMX); else "fp32"."""
-    if not (autocast or dtype == "bf16"):
-        return "fp32"
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if kind == "cpu":
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
 
 
 def make_parts(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, problems: list[Problem],
@@ -876,7 +702,7 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         return m
 
     start, rollouts, metrics = 0, [], []
-    resumed = load_resume(ctx.run_dir, tr, schema) if ctx.run_dir is not None else None
+    resumed = load_resume(ctx.run_dir, tr) if ctx.run_dir is not None else None
     if resumed is not None:
         start, rollouts, metrics = resumed
         ctx.log(f"{stage}: resuming after step {start} from {ctx.run_dir / RESUME_DIR}")
@@ -892,7 +718,7 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         rollouts += rollout_rows(step, res.rollouts, res.advantages, cfg.group_size, reward_names)
         _show(bar, m)
         if ctx.run_dir is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_resume(ctx.run_dir, tr, step, rollouts, metrics, schema)
+            save_resume(ctx.run_dir, tr, step, rollouts, metrics)
     write_table(pa.Table.from_pylist(rollouts, schema=schema), out / "rollouts.parquet", schema)
     write_table(pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA), out / "metrics.parquet", METRICS_SCHEMA)
     save_checkpoint(out / "checkpoint", tr.policy, tokenizer,

@@ -1,6 +1,7 @@
 """Shared components of next-token training: the `base`, `sft` and `distill` stages build on them.
 
-Each stage keeps its own loop explicit (STYLE.md 6); this module holds the parts they share:
+The three stages share one loop, `train_loop` (so their resume, logging and evaluation rules
+agree); each keeps its own data, loss and model set-up. This module holds what they share:
 
 - Tokenisation into `Example`s: a token sequence plus a loss mask. Raw documents (pretraining)
   carry loss on every token; (prompt, completion) pairs carry it on the completion and the final
@@ -14,8 +15,8 @@ Each stage keeps its own loop explicit (STYLE.md 6); this module holds the parts
   in the whole optimizer step, so k micro-batches of accumulation equal one batch k times larger.
   The token-level distillation term (Hinton et al. 2015) lives here too.
 - The step (accumulate, clip, non-finite guard, update; `lm.train` supplies the optimizer, the
-  schedule and the guard), the validation loss, metrics rows, and resume state in `ctx.run_dir`
-  (`lm.checkpoint` training-state files: no pickle).
+  schedule and the guard), the validation loss, metrics rows (`stages.metrics.METRICS_SCHEMA`),
+  and resume state in `ctx.run_dir` (`lm.checkpoint.save_resume`, the helper GRPO uses too).
 
 Right padding needs no attention mask: under a causal mask no real token can see a pad that
 follows it, so the model's `is_causal` fast path applies and pads only need masking in the loss.
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +35,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as st_save
 from torch import Tensor
 
-from artifacts.store import atomic_write_text, read_table
-from lm.checkpoint import CheckpointError, load_training_state, read_safetensors, save_training_state
+from artifacts.store import read_table
+from lm.checkpoint import load_resume as load_resume_state
+from lm.checkpoint import save_resume as save_resume_state
 from lm.logprobs import token_logprobs
 from lm.model import MODEL_PRESETS, Transformer
 from lm.tokenizer import ANSWER, ANSWER_END, IM_END, IM_START, THINK, THINK_END, Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, lr_at, set_lr
 from stages.context import StageContext
+from stages.metrics import METRICS_FIELDS
 
 # The format tags a model writes as single special ids; other special-token strings found in data
 # (e.g. a literal "<|endoftext|>" in a model's output) stay plain text so data cannot inject control
@@ -471,14 +471,6 @@ def lr_schedule(step: int, *, lr: float, warmup: int, total: int, min_ratio: flo
     return lr * lr_at(step, warmup, total, min_ratio)
 
 
-METRICS_FIELDS: list[pa.Field] = [
-    pa.field("step", pa.int64(), nullable=False),
-    pa.field("name", pa.string(), nullable=False),
-    pa.field("value", pa.float64()),
-]
-METRICS_SCHEMA = pa.schema(METRICS_FIELDS)
-
-
 @dataclass
 class Metrics:
     """Rows of (step, name, value), kept as plain data so they travel in the resume state."""
@@ -503,50 +495,20 @@ class Metrics:
         return pa.Table.from_pylist(rows, schema=schema)
 
 
-_LATEST = "LATEST"
-_WEIGHTS = "weights.safetensors"
-
-
 def save_resume(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer, step: int,
                 metrics: Metrics) -> None:
-    """Save everything a resumed run needs to continue as if never stopped, into `directory`.
-
-    Each save is a fresh `step-<n>/` folder (weights with any LoRA adapters as they are, plus
-    `lm.checkpoint.save_training_state`: optimizer moments, step, RNG states, metrics so far); the
-    `LATEST` pointer is replaced atomically only after it is complete, then older folders go. A
-    crash at any point leaves the previous complete state as the one `load_resume` finds.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    target = directory / name
-    save_training_state(target / "state", optimizer, step, extra={"metrics": metrics.rows})
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = target / f".{_WEIGHTS}.tmp"
-    tmp.write_bytes(st_save(sd))
-    os.replace(tmp, target / _WEIGHTS)
-    atomic_write_text(directory / _LATEST, name)
-    for old in directory.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    """`lm.checkpoint.save_resume` with the metric rows so far as the loop's extra state."""
+    save_resume_state(directory, model, optimizer, step, {"metrics": metrics.rows})
 
 
 def load_resume(directory: Path | None, model: Transformer,
                 optimizer: torch.optim.Optimizer) -> tuple[int, Metrics] | None:
-    """Restore the latest state `save_resume` wrote; None when there is none (a fresh start).
-
-    Returns:
-        (the number of steps already done, the metrics rows logged so far).
-    """
-    if directory is None or not (directory / _LATEST).is_file():
+    """(steps already done, metrics so far) from `lm.checkpoint.load_resume`; None: a fresh start."""
+    resumed = load_resume_state(directory, model, optimizer)
+    if resumed is None:
         return None
-    target = directory / (directory / _LATEST).read_text().strip()
-    weights = read_safetensors(target / _WEIGHTS)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"resume state {target} does not fit this model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}; delete {directory} to start over")
-    state = load_training_state(target / "state", optimizer)
-    return state["step"], Metrics(list(state["extra"].get("metrics", [])))
+    step, extra = resumed
+    return step, Metrics(list(extra.get("metrics", [])))
 
 
 def resume_dir(ctx: StageContext, name: str) -> Path | None:

@@ -14,12 +14,24 @@ Where from:
   that appears FIRST in sample order (deterministic, and independent of how answers sort as
   strings). Samples with no extractable answer do not vote; if none votes, the problem counts as
   wrong.
+
+Training curves: every training stage writes `metrics.parquet` in one long format,
+`METRICS_SCHEMA` (step, name, value), so `r1flow report` reads them all the same way.
 """
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import pyarrow as pa
+
+METRICS_FIELDS: list[pa.Field] = [
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("value", pa.float64()),
+]
+METRICS_SCHEMA = pa.schema(METRICS_FIELDS)
+"""metrics.parquet of base, sft, rl_zero and rl_reasoning (distill adds a leading `student`)."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

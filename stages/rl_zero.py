@@ -12,7 +12,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from stages.context import StageContext
-from stages.grpo import METRICS_SCHEMA, GRPOConfig, rollouts_schema, run_stage
+from stages.grpo import GRPOConfig, rollouts_schema, run_stage
+from stages.metrics import METRICS_SCHEMA
 
 INPUTS: tuple[str, ...] = ("base", "problems")
 SCHEMAS: dict[str, pa.Schema] = {

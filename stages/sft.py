@@ -27,13 +27,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from artifacts.store import write_table
+from lm.chat_template import TEMPLATE_NAMES
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.lora import LoraConfig, apply_lora, lora_parameters
-from lm.tokenizer import TEMPLATE_NAMES
 from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
-from stages.lm_training import (METRICS_SCHEMA, BatchPlan, fixed_batches, lm_loss_sum, read_pairs, split_by_group,
+from stages.lm_training import (BatchPlan, fixed_batches, lm_loss_sum, read_pairs, split_by_group,
                                 start_or_resume, steps_for_epochs, train_loop, validation_loss)
+from stages.metrics import METRICS_SCHEMA
 
 INPUTS: tuple[str, ...] = ("base", "cold_start")
 SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}

@@ -83,6 +83,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence, Union
 
+from lm.chat_template import TEMPLATES
+
 TASKS: tuple[str, ...] = ("add", "sub", "mul", "expr", "linear", "frac")
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
 DEFAULT_TASK_MIX: dict[str, float] = {t: 1.0 for t in TASKS}
@@ -90,8 +92,9 @@ DEFAULT_DIFFICULTY_MIX: dict[int, float] = {1: 0.3, 2: 0.4, 3: 0.3}
 KINDS: tuple[str, ...] = ("clean", "slip", "untagged", "drift")
 TARGET_LANGUAGE = "en"
 
-# The tokenizer's compact template for the tiny model; the completion follows "Assistant:".
-PROMPT_TEMPLATE = "User: {question}\nAssistant:"
+# The tokenizer's compact template for the tiny model (from the one template table); the completion
+# follows "Assistant:".
+PROMPT_TEMPLATE = TEMPLATES["r1_zero_short"]
 
 # An expression tree: a positive integer leaf or (operator, left, right).
 Expr = Union[int, tuple[str, "Expr", "Expr"]]
@@ -183,7 +186,7 @@ def format_answer(value: Fraction | int) -> str:
 
 def render_prompt(question: str) -> str:
     """The compact template the pretraining corpus and the tiny model use."""
-    return PROMPT_TEMPLATE.format(question=question)
+    return PROMPT_TEMPLATE.replace("{question}", question)
 
 
 def _digits(n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Shared training components: schedule, optimizer groups, clipping, accumulation, finite guard."""
+"""Shared training components: schedule, optimizer groups, clipping, finite guard, device and precision."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lm.train import (NonFiniteError, accumulation_weight, autocast_context, check_finite, clip_grad, lr_at,
-                      make_optimizer, micro_batches, resolve_device, resolve_dtype_name, set_lr)
+from lm.train import (NonFiniteError, autocast_context, check_finite, clip_grad, fast_fp32_matmul, lr_at, make_optimizer,
+                      resolve_device, resolve_dtype_name, set_lr, training_precision)
 
 
 def test_lr_schedule_by_hand():
@@ -42,24 +42,6 @@ def test_clip_grad_returns_pre_clip_norm():
     assert clip_grad([p], 0.0) == pytest.approx(1.0)  # measure only
 
 
-def test_gradient_accumulation_equals_full_batch(make_model):
-    ids = torch.randint(0, 96, (5, 8), generator=torch.Generator().manual_seed(0))
-
-    def loss_fn(model, batch):
-        logits = model(batch)[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, 96), batch[:, 1:].reshape(-1))
-
-    full = make_model().train()
-    loss_fn(full, ids).backward()
-    acc = make_model().train()
-    parts = list(micro_batches(5, 2))
-    assert parts == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    for part in parts:
-        (loss_fn(acc, ids[part]) * accumulation_weight(part, 5)).backward()
-    for a, b in zip(full.parameters(), acc.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
-
-
 def test_check_finite_raises_clear_error():
     check_finite("loss", 1.5, step=3)
     check_finite("loss", torch.tensor([1.0, 2.0]), step=3)
@@ -78,3 +60,27 @@ def test_device_and_dtype_resolution():
         assert not torch.is_autocast_enabled("cpu")
     with autocast_context("cpu", "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_fast_fp32_matmul_is_fp32_exact_and_restores_the_setting() -> None:
+    mm = getattr(torch.backends.mkldnn, "matmul", None)
+    if mm is None or not hasattr(mm, "fp32_precision"):
+        pytest.skip("this torch has no oneDNN matmul precision switch (the context is a no-op)")
+    before = mm.fp32_precision
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(32, 256, dtype=torch.float64, generator=g), torch.randn(64, 256, dtype=torch.float64, generator=g)
+    ref = x @ w.T
+    with fast_fp32_matmul("cpu", "fp32"):
+        y = torch.nn.functional.linear(x.float(), w.float()).double()
+        # 1 + 2^-10 is not a bf16 number: a bf16 downcast would return 256, fp32 returns 256.25
+        exact = torch.nn.functional.linear(torch.full((4, 256), 1 + 2**-10), torch.ones(8, 256))
+    assert mm.fp32_precision == before
+    assert float((y - ref).abs().max()) < 1e-3  # fp32 level (bf16 would be ~0.1)
+    assert exact[0, 0].item() == 256.25
+
+
+def test_training_precision() -> None:
+    assert training_precision("cpu", "fp32", autocast=False) == "fp32"
+    want = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert training_precision("cpu", "fp32", autocast=True) == want
+    assert training_precision("cpu", "bf16", autocast=False) == want

@@ -22,9 +22,10 @@ from lm.train import NonFiniteError
 from pipeline.inspect import inspect_dataset, resolve
 from stages.context import StageContext
 from stages.grpo import (
-    METRICS_SCHEMA, RESUME_DIR, GRPOConfig, PromptStream, build_batch, collect_rollouts, fast_fp32_matmul,
-    make_parts, rollouts_schema, summarize, train_grpo, training_precision, zero_spread_groups,
+    RESUME_DIR, GRPOConfig, PromptStream, build_batch, collect_rollouts, make_parts, rollouts_schema, summarize,
+    train_grpo, zero_spread_groups,
 )
+from stages.metrics import METRICS_SCHEMA
 from stages.sampling import Problem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tok, tmp_path) -> None
     with pytest.raises(Killed):  # dies during step 6: the last checkpoint is after step 4
         train(tok, tmp_path / "crash", StageContext(seed=0, progress=killing_progress(5), log=lambda _: None,
                                                     run_dir=run_dir), **cfg)
-    assert (run_dir / RESUME_DIR / "state").is_dir()
+    assert (run_dir / RESUME_DIR / "LATEST").is_file()
     logs: list[str] = []
     _, resumed = train(tok, tmp_path / "resumed", StageContext(seed=0, progress=lambda it, **_: it,
                                                                log=logs.append, run_dir=run_dir), **cfg)
@@ -278,8 +279,7 @@ def test_build_batch_layout_and_truncation_mask() -> None:
 def test_completion_logprobs_equal_full_sequence_logprobs(tok) -> None:
     # the shared-prompt forward must score every completion token exactly as the plain forward
     # over prompt + completion does (lm.logprobs.token_logprobs)
-    from lm.logprobs import token_logprobs
-    from stages.grpo import completion_logprobs
+    from lm.logprobs import completion_logprobs, token_logprobs
 
     model = toy_model(tok)
     g = torch.Generator().manual_seed(0)
@@ -335,30 +335,6 @@ def test_dynamic_sampling_refills_zero_spread_groups(tok) -> None:
     assert sampler.calls[0] == 2 * cfg.group_size and len(sampler.calls) <= 3
     assert info["groups_trained"] == 2 and info["sampling_rounds"] == len(sampler.calls)
     assert info["zero_spread_frac"] == pytest.approx((sampled - 2) / sampled)
-
-
-def test_fast_fp32_matmul_is_fp32_exact_and_restores_the_setting() -> None:
-    mm = getattr(torch.backends.mkldnn, "matmul", None)
-    if mm is None or not hasattr(mm, "fp32_precision"):
-        pytest.skip("this torch has no oneDNN matmul precision switch (the context is a no-op)")
-    before = mm.fp32_precision
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(32, 256, dtype=torch.float64, generator=g), torch.randn(64, 256, dtype=torch.float64, generator=g)
-    ref = x @ w.T
-    with fast_fp32_matmul("cpu", "fp32"):
-        y = torch.nn.functional.linear(x.float(), w.float()).double()
-        # 1 + 2^-10 is not a bf16 number: a bf16 downcast would return 256, fp32 returns 256.25
-        exact = torch.nn.functional.linear(torch.full((4, 256), 1 + 2**-10), torch.ones(8, 256))
-    assert mm.fp32_precision == before
-    assert float((y - ref).abs().max()) < 1e-3  # fp32 level (bf16 would be ~0.1)
-    assert exact[0, 0].item() == 256.25
-
-
-def test_training_precision() -> None:
-    assert training_precision("cpu", "fp32", autocast=False) == "fp32"
-    want = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    assert training_precision("cpu", "fp32", autocast=True) == want
-    assert training_precision("cpu", "bf16", autocast=False) == want
 
 
 def test_summarize_headlines() -> None:

@@ -1,0 +1,87 @@
+"""`execute_stage` without Prefect: cache hits, corrupt caches, stale marking, failure records, keys."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stages.problems
+from artifacts import RunStore, StageEntry
+from pipeline.config import STAGES, load_config
+from pipeline.runner import StageError, execute_stage, stage_key
+
+SMALL = ["problems.n_train=8", "problems.n_test=4", "problems.corpus_docs=20"]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def new_run(root, *overrides: str, run_id: str = "r1"):
+    cfg = load_config("micro", None, [*SMALL, *overrides])
+    RunStore(root).create(cfg.to_dict(), STAGES, preset="micro", run_id=run_id)
+    return cfg
+
+
+def test_second_execution_is_a_cache_hit(tmp_path):
+    cfg = new_run(tmp_path)
+    first = execute_stage("problems", cfg, "r1", tmp_path, log=quiet)
+    second = execute_stage("problems", cfg, "r1", tmp_path, log=quiet)
+    assert (first.status, second.status) == ("ran", "cached")
+    assert second.path == first.path and second.seconds == 0.0
+    entry = RunStore(tmp_path).load("r1").stages["problems"]
+    assert entry.status == "cached" and entry.content_hash is not None
+    assert not (tmp_path / "work" / "problems").exists() or not any((tmp_path / "work" / "problems").iterdir())
+
+
+def test_corrupt_cached_artifact_is_recomputed(tmp_path):
+    cfg = new_run(tmp_path)
+    first = execute_stage("problems", cfg, "r1", tmp_path, log=quiet)
+    victim = next(first.path.glob("*.parquet"))
+    victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
+    logs: list[str] = []
+    again = execute_stage("problems", cfg, "r1", tmp_path, log=logs.append)
+    assert again.status == "ran"
+    assert any("corrupt" in m and "recomputing" in m for m in logs)
+
+
+def test_new_artifact_marks_downstream_stale(tmp_path):
+    cfg = new_run(tmp_path)
+    execute_stage("problems", cfg, "r1", tmp_path, log=quiet)
+    runs = RunStore(tmp_path)
+    record = runs.load("r1")
+    record.stages["base"] = StageEntry(status="ran", path=str(tmp_path / "x"))
+    record.stages["rl_zero"] = StageEntry(status="cached", path=str(tmp_path / "y"))
+    runs.save(record)
+    changed = load_config("micro", None, [*SMALL, "problems.n_train=9"])
+    execute_stage("problems", changed, "r1", tmp_path, log=quiet)
+    after = runs.load("r1")
+    assert after.stages["problems"].status == "ran"
+    assert after.stages["base"].status == "stale" and after.stages["rl_zero"].status == "stale"
+    assert after.stages["sft"].status == "pending"  # never produced: nothing to call stale
+
+
+def test_failure_is_recorded_with_its_message(tmp_path, monkeypatch):
+    cfg = new_run(tmp_path)
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("the corpus has no rows")
+
+    monkeypatch.setattr(stages.problems, "run", broken)
+    with pytest.raises(StageError, match="stage problems failed: the corpus has no rows"):
+        execute_stage("problems", cfg, "r1", tmp_path, log=quiet)
+    record = RunStore(tmp_path).load("r1")
+    assert record.status == "failed"
+    assert record.stages["problems"].status == "failed"
+    assert "the corpus has no rows" in record.stages["problems"].error
+
+
+def test_cache_key_records_the_dtype_the_stage_runs_in(monkeypatch):
+    # a CUDA device without bf16: "auto" runs fp32, and the key must say so (it said bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cfg = load_config("micro", None, ["run.device=cuda", "run.dtype=auto"])
+    _, payload = stage_key("problems", cfg, {})
+    assert payload["dtype"] == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    _, payload = stage_key("problems", cfg, {})
+    assert payload["dtype"] == "bf16"
