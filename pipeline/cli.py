@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -154,7 +155,22 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(e, tuple(lm_errors)) if lm_errors else False
 
 
+# Prefect settings r1flow picks when the user has not: no usage telemetry from the ephemeral server
+# (offline machines logged "ERROR ... Failed to send telemetry" on every run), and time for that
+# server to start on a loaded machine (Prefect's 20 s default timed out on the 2-core reference box).
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def _prefect_defaults() -> None:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _prefect_defaults()
     args = build_parser().parse_args(argv)
     if getattr(args, "root", None) is None:
         args.root = default_root()
