@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 STAGES: tuple[str, ...] = (
     "problems", "base", "rl_zero", "cold_start", "sft", "rl_reasoning",
@@ -37,6 +38,22 @@ class RunSettings(BaseModel):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # Data parallelism inside a stage (pipeline/launch.py): more than one process launches the
+    # model stages through torchrun; gloo on CPU, NCCL on CUDA (one GPU per process).
+    nproc_per_node: int = Field(1, ge=1, description="processes per host for the model stages")
+    nnodes: int = Field(1, ge=1, description="hosts taking part in each model stage")
+    node_rank: int = Field(0, ge=0, description="this host's rank among nnodes (0 publishes the artifact)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of node 0's rendezvous (several hosts)")
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "RunSettings":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint = \"host:port\" of node 0 (the same on every host)")
+        if self.rdzv_endpoint is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d+", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        return self
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Callable
 from artifacts import ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
 from artifacts.runs import now_iso, process_owner
 from lm.train import resolve_device, resolve_dtype_name
+from pipeline import launch
 from pipeline.config import STAGES, RunConfig, apply_overrides, stage_module, validate
 from stages.context import StageContext
 
@@ -77,6 +78,21 @@ def upstream_inputs(name: str, record: RunRecord) -> tuple[dict[str, Path], dict
     return paths, hashes
 
 
+SINGLE_PROCESS_STAGES = {"problems"}  # no model: never worth several processes
+
+
+def _producer(name: str, cfg: RunConfig, inputs: dict[str, Path], ctx: StageContext,
+              scratch: Path) -> Callable[[Path], dict]:
+    """What fills the artifact's temporary directory: the stage function in this process, or, when
+    the run asks for several processes, the same function on every rank under torchrun
+    (`pipeline.launch`: rank 0 writes, a failed rank is named)."""
+    module = stage_module(name)
+    if launch.world_size(cfg.run) == 1 or name in SINGLE_PROCESS_STAGES:
+        return lambda out: module.run(cfg.stage(name), inputs, out, ctx)
+    return lambda out: launch.launch_stage(name, cfg.to_dict(), cfg.preset, inputs, out, scratch, run=cfg.run,
+                                           seed=ctx.seed, device=ctx.device, dtype=ctx.dtype, log=ctx.log)
+
+
 def execute_stage(
     name: str,
     cfg: RunConfig,
@@ -94,6 +110,8 @@ def execute_stage(
     entry = record.stages.setdefault(name, StageEntry())
     previous_hash = entry.content_hash
 
+    if cfg.run.node_rank != 0 and launch.world_size(cfg.run) > 1 and name not in SINGLE_PROCESS_STAGES:
+        return _participate(name, cfg, inputs, root / "work" / name / key[:24], log)
     hit = None if force else store.lookup(name, key)
     if hit is not None:
         try:
@@ -118,8 +136,8 @@ def execute_stage(
         t0 = time.perf_counter()
         log(f"{name}: running (key {key[:12]})")
         try:
-            manifest = store.write(name, key, payload, hashes,
-                                   lambda out: module.run(cfg.stage(name), inputs, out, ctx), module.SCHEMAS)
+            manifest = store.write(name, key, payload, hashes, _producer(name, cfg, inputs, ctx, scratch),
+                                   module.SCHEMAS)
         except BaseException as e:
             record = runs.load(run_id)
             record.stages[name].status = "failed"
@@ -154,6 +172,23 @@ def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:
     cfg = validate(apply_overrides(record.config, overrides), preset=record.preset)
     record.config = cfg.to_dict()
     runs.save(record)
+
+
+def _participate(name: str, cfg: RunConfig, inputs: dict[str, Path], scratch: Path,
+                 log: Callable[[str], None]) -> StageOutcome:
+    """A host other than node 0 of a multi-host stage: compute its ranks' share and publish
+    nothing (node 0 writes the artifact and the run record)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / f"node-{cfg.run.node_rank}-out"
+    out.mkdir(exist_ok=True)
+    device = resolve_device(cfg.run.device)
+    t0 = time.perf_counter()
+    try:
+        launch.launch_stage(name, cfg.to_dict(), cfg.preset, inputs, out, scratch, run=cfg.run, seed=cfg.run.seed,
+                            device=device, dtype=resolve_dtype_name(cfg.run.dtype, device), log=log)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return StageOutcome(name, "participated", out, time.perf_counter() - t0, {})
 
 
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:

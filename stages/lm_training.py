@@ -27,6 +27,7 @@ import dataclasses
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from artifacts.store import read_table
+from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_resume as save_resume_state
 from lm.logprobs import token_logprobs
@@ -413,7 +415,8 @@ class StepStats:
 
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
-                   loss_fn: LossFn, *, clip: float, autocast: bool, device: str, step: int) -> StepStats:
+                   loss_fn: LossFn, *, clip: float, autocast: bool, device: str, step: int,
+                   weights: Sequence[float] | None = None) -> StepStats:
     """One optimizer step over `batches` (its micro-batches): accumulate, clip, guard, update.
 
     Each micro-batch's summed loss is divided by the target count of the whole step, so the
@@ -421,36 +424,67 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches
     gradient of one batch holding them all (unlike averaging per-micro-batch means, which weights
     short micro-batches up). A NaN/inf loss or gradient norm raises `NonFiniteError` before the
     update, so no bad step reaches the weights or a resume checkpoint.
+
+    Under several ranks (`model` wrapped by `lm.distributed.wrap_ddp`) `batches` are this rank's
+    shares of the step's micro-batches: the target count is summed over ranks and each loss
+    multiplied by the world size, so DDP's gradient average is the single-process gradient (up to
+    float reduction order). `weights` (1 or 0 per micro-batch) zero a placeholder micro-batch that a
+    rank runs only so that every rank takes part in each gradient reduction.
     """
-    n_targets = sum(b.n_targets for b in batches)
+    weights = list(weights) if weights is not None else [1.0] * len(batches)
+    n_targets = int(distributed.all_reduce_sum(float(sum(b.n_targets for b, w in zip(batches, weights) if w))))
     if n_targets == 0:
         raise ValueError(f"step {step}: no target tokens in the batch")
+    world = distributed.world_size()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for batch in batches:
-        with autocast_context(device, "bf16" if autocast else "fp32"):
-            loss = loss_fn(model, batch.to(device)) / n_targets
+    for j, (batch, w) in enumerate(zip(batches, weights)):
+        sync = j == len(batches) - 1 or not hasattr(model, "no_sync")
+        with (nullcontext() if sync else model.no_sync()), autocast_context(device, "bf16" if autocast else "fp32"):
+            loss = loss_fn(model, batch.to(device)) * (w * world / n_targets)
         loss.backward()
-        total += float(loss.detach())
+        total += float(loss.detach()) / world
+    total = distributed.all_reduce_sum(total)
     check_finite("loss", total, step)
     grad_norm = clip_grad(model, clip)
     check_finite("grad_norm", grad_norm, step)
     optimizer.step()
-    return StepStats(total, grad_norm, sum(b.n_tokens for b in batches), n_targets)
+    tokens = int(distributed.all_reduce_sum(float(sum(b.n_tokens for b, w in zip(batches, weights) if w))))
+    return StepStats(total, grad_norm, tokens, n_targets)
 
 
 @torch.no_grad()
 def validation_loss(model: Transformer, batches: Sequence[Batch], *, autocast: bool, device: str) -> float:
-    """Mean loss per target token over `batches` (NaN when there are none)."""
+    """Mean loss per target token over `batches` (NaN when there are none); under several ranks
+    each takes every W-th batch and the sums are added."""
     total, n = 0.0, 0
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
-    for batch in batches:
+    for batch in distributed.shard(batches):
         with autocast_context(device, "bf16" if autocast else "fp32"):
             total += float(lm_loss_sum(model, batch.to(device)))
         n += batch.n_targets
     model.train(was_training)
+    total, n = distributed.all_reduce_sum([total, float(n)])
     return total / n if n else float("nan")
+
+
+def rank_micro_batches(examples: Sequence[Example], step_batches: Sequence[np.ndarray],
+                       pad_id: int) -> tuple[list[Batch], list[float]]:
+    """This rank's share of each micro-batch of a step (round-robin rows: a distributed sampler
+    over the single-process batch plan), and a weight per micro-batch.
+
+    The global batch stays the one a single process trains on; each rank sees batch / world rows.
+    A rank whose share of a micro-batch is empty (fewer rows than ranks) gets the micro-batch's
+    first row at weight 0, so it still joins the gradient reduction with a zero contribution.
+    """
+    batches, weights = [], []
+    for idx in step_batches:
+        mine = distributed.shard(list(idx))
+        batches.append(collate([examples[i] for i in (mine or list(idx[:1]))], pad_id))
+        weights.append(1.0 if mine else 0.0)
+    return batches, weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,13 +587,14 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
     after the last. `data_offset` shifts the batch plan (a phase continuing data an earlier phase
     consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
     """
+    trained = distributed.wrap_ddp(model)  # several ranks: DDP over each step's shared-out micro-batches
     for step in ctx.progress(range(start, steps), desc=label, total=steps - start):
         lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        batches = [collate([examples[i] for i in idx], pad_id) for idx in plan.step(data_offset + step, cfg.grad_accum)]
+        batches, weights = rank_micro_batches(examples, plan.step(data_offset + step, cfg.grad_accum), pad_id)
         t = time.perf_counter()
-        stats = optimizer_step(model, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
-                               device=device, step=step)
+        stats = optimizer_step(trained, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
+                               device=device, step=step, weights=weights)
         metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
                     tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
         done = step + 1
@@ -567,8 +602,8 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
             metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
         if done % cfg.log_every == 0:
             ctx.log(f"{label}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f} lr {lr:.2e}")
-        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
-            save_resume(state_dir, model, optimizer, done, metrics)
+        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps) and distributed.is_main():
+            save_resume(state_dir, model, optimizer, done, metrics)  # ranks hold equal weights: rank 0 saves
     return metrics
 
 
