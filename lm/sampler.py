@@ -13,6 +13,10 @@ ops) and vLLM's `SamplingParams` vocabulary. How it runs:
 - Temperature / top-k / top-p are applied to the logits and a token is drawn with the Gumbel-max
   trick from a `torch.Generator` seeded per call, so `generate(prompts, params, seed)` is
   reproducible for the same prompts and batch size. temperature == 0 is greedy (argmax).
+  `seed` may instead be one seed per prompt: rows sharing a seed share one random stream (drawn
+  jointly, in row order), so a row's sample no longer depends on the other rows of the batch,
+  only on the rows of its stream (`RowStreams`). GRPO seeds each group this way, so its groups can
+  be generated on different ranks and still match one process.
 - `Generation.logprobs` are log-probabilities of the sampled tokens under the model's *raw*
   distribution (log_softmax of the logits at temperature 1, before top-k/top-p), the quantity
   `lm.logprobs.token_logprobs(..., temperature=1.0)` recomputes for training. (vLLM's default is
@@ -33,8 +37,8 @@ from torch import Tensor
 from lm.model import KVCache, Transformer
 from lm.tokenizer import Tokenizer
 
-__all__ = ["SamplingParams", "Generation", "Sampler", "TorchSampler", "KVCache", "completion_text",
-           "sample_next"]
+__all__ = ["SamplingParams", "Generation", "Sampler", "Seed", "RowStreams", "TorchSampler", "KVCache",
+           "completion_text", "sample_next"]
 
 
 @dataclass
@@ -72,11 +76,36 @@ class Generation:
     finish_reason: str = field(default="length")
 
 
+Seed = int | Sequence[int]
+"""One seed for a whole `generate` call, or one per prompt (rows sharing a seed share a stream)."""
+
+
 class Sampler(Protocol):
     """What stages call; `TorchSampler` implements it, a vLLM backend could too."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: Seed) -> list[Generation]:
         ...
+
+
+class RowStreams:
+    """Uniform noise from one `torch.Generator` per distinct seed, each feeding the rows that carry
+    that seed (in row order). A stream's draws depend only on its own rows, so a group of rows
+    samples the same tokens in any batch, alone or beside other groups."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str) -> None:
+        rows: dict[int, list[int]] = {}
+        for r, s in enumerate(seeds):
+            rows.setdefault(int(s), []).append(r)
+        self.n = len(seeds)
+        self.streams = [(torch.tensor(r, device=device), torch.Generator(device=device).manual_seed(s))
+                        for s, r in rows.items()]
+
+    def rand(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """[B, V] uniform noise in [0, 1), B = the number of rows."""
+        u = torch.empty(shape, device=device)  # [B, V]
+        for idx, g in self.streams:
+            u.index_copy_(0, idx, torch.rand((len(idx), *shape[1:]), generator=g, device=device))
+        return u
 
 
 def completion_text(tokenizer: Tokenizer, generation: Generation) -> str:
@@ -88,13 +117,14 @@ def completion_text(tokenizer: Tokenizer, generation: Generation) -> str:
     return tokenizer.decode(ids)
 
 
-def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def sample_next(logits: Tensor, params: SamplingParams,
+                generator: torch.Generator | RowStreams | None) -> tuple[Tensor, Tensor]:
     """Draw one token per row.
 
     Args:
         logits: [B, V] next-token logits.
         params: temperature / top_k / top_p.
-        generator: randomness source (unused when greedy).
+        generator: randomness source (unused when greedy): one generator, or `RowStreams`.
 
     Returns:
         tokens [B] (long) and their log-probs [B] (fp32) under log_softmax(logits) at temperature 1.
@@ -112,7 +142,10 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
             scores = _top_p_filter(scores, params.top_p)  # [B, V]
         # Gumbel-max: argmax(scores + G), G = -log(-log U), is a sample from softmax(scores).
         # (Drawing U with rand is ~5x faster on CPU than exponential_.)
-        u = torch.rand(scores.shape, generator=generator, device=scores.device)  # [B, V] in [0, 1)
+        if isinstance(generator, RowStreams):
+            u = generator.rand(scores.shape, scores.device)  # [B, V] in [0, 1)
+        else:
+            u = torch.rand(scores.shape, generator=generator, device=scores.device)  # [B, V] in [0, 1)
         tokens = (scores - (-u.log()).log()).argmax(dim=-1)  # [B]
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B], [B]
 
@@ -159,7 +192,7 @@ class TorchSampler:
             no implicit end-of-text stop and no stop strings.
         use_cache: False recomputes the whole sequence every step (for tests and benchmarks).
         max_batch_size: larger prompt lists are generated in chunks of this many rows; chunk i
-            uses seed + i.
+            uses seed + i (with one seed per prompt, each chunk takes its rows' seeds).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *, use_cache: bool = True,
@@ -174,21 +207,26 @@ class TorchSampler:
         """Drop the kept KV cache (its memory) until the next `generate`."""
         self._cache = None
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int = 0) -> list[Generation]:
-        """One `Generation` per prompt, in order. Prompts are lists of token ids (at least one)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: Seed = 0) -> list[Generation]:
+        """One `Generation` per prompt, in order. Prompts are lists of token ids (at least one);
+        `seed` is one int, or one per prompt (see `RowStreams`)."""
+        if not isinstance(seed, int) and len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         out: list[Generation] = []
         for i, start in enumerate(range(0, len(prompts), self.max_batch_size)):
-            out.extend(self._generate_batch(prompts[start:start + self.max_batch_size], params, seed + i))
+            end = start + self.max_batch_size
+            chunk_seed = seed + i if isinstance(seed, int) else list(seed[start:end])
+            out.extend(self._generate_batch(prompts[start:end], params, chunk_seed))
         return out
 
     # ---- one batch ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: Seed) -> list[Generation]:
         with self.model.fused_inference(batch_size=len(prompts)):
             return self._decode(prompts, params, seed)
 
-    def _decode(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Generation]:
+    def _decode(self, prompts: list[list[int]], params: SamplingParams, seed: Seed) -> list[Generation]:
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -203,7 +241,8 @@ class TorchSampler:
 
         tokens, key_mask, positions = _left_pad(prompts, P + N, self._pad_id(), device)  # [B, P+N] each
         padded = any(len(p) != P for p in prompts)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = (torch.Generator(device=device).manual_seed(seed) if isinstance(seed, int)
+                     else RowStreams(seed, device))
         stop_ids = self._stop_ids(params, device)  # [S]
         stop_text = _StopStrings(self.tokenizer, params.stop_strings, B) if params.stop_strings else None
 

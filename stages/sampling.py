@@ -6,7 +6,8 @@ CONTRACTS "Stage wiring") and encoded the way the training stages encode prompts
 ids, any other special string as plain text). The (question, sample) requests are sorted by prompt length, so a batch
 holds prompts of similar length and left padding wastes little, then cut into batches of
 `batch_size`; batch b is generated with seed `seed + b`. The result is therefore a pure function of
-(model, questions, n, params, batch_size, seed): the same config and seed give the same samples.
+(model, questions, n, params, batch_size, seed): the same config and seed give the same samples,
+also when the batches are shared out over several ranks (torchrun; `lm.distributed`).
 
 The sampler is injected: stages build a `lm.sampler.TorchSampler` through `torch_sampler`, tests
 pass any object with the `lm.sampler.Sampler` interface (a scripted fake), so the filters and the
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lm import distributed
 from lm.sampler import Generation, Sampler, SamplingParams, completion_text
 from lm.tokenizer import ANSWER_END, Tokenizer
 from stages.lm_training import encode_prompt
@@ -116,6 +118,10 @@ def sample_completions(
 ) -> list[list[Completion]]:
     """n completions for each encoded prompt, generated in batches.
 
+    Under several ranks (`lm.distributed`) each rank generates every W-th batch, with the batch's
+    own rows and seed, and every rank receives all of them: the result is the single-process
+    one (same batches, same seeds), whatever the number of ranks.
+
     Args:
         sampler: anything with `generate(prompts, params, seed) -> list[Generation]`.
         tokenizer: decodes the generated ids.
@@ -136,16 +142,21 @@ def sample_completions(
     requests = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
     requests.sort(key=lambda r: len(prompt_ids[r[0]]))  # stable: ties keep (prompt, sample) order
     batches = [requests[s:s + batch_size] for s in range(0, len(requests), batch_size)]
-    it: Iterable[tuple[int, list[tuple[int, int]]]] = enumerate(batches)
+    mine = distributed.shard_indices(len(batches))  # several ranks: whole batches, round-robin
+    it: Iterable[int] = mine
     if progress is not None:
-        it = progress(it, desc=desc, total=len(batches))
-    out: list[list[Completion | None]] = [[None] * n for _ in prompt_ids]
-    for b, batch in it:
+        it = progress(it, desc=desc, total=len(mine))
+    done: list[list[Completion]] = []
+    for b in it:
+        batch = batches[b]
         gens = sampler.generate([list(prompt_ids[i]) for i, _ in batch], params, seed + b)
         if len(gens) != len(batch):
             raise RuntimeError(f"sampler returned {len(gens)} generations for {len(batch)} prompts")
-        for (i, j), g in zip(batch, gens):
-            out[i][j] = _completion(tokenizer, g, i, j)
+        done.append([_completion(tokenizer, g, i, j) for (i, j), g in zip(batch, gens)])
+    out: list[list[Completion | None]] = [[None] * n for _ in prompt_ids]
+    for part in distributed.gather_shards(done, len(batches)):  # every rank gets every batch
+        for c in part:
+            out[c.prompt_index][c.sample] = c
     return out  # type: ignore[return-value]  # every slot filled above
 
 

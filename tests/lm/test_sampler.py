@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lm.logprobs import token_logprobs
-from lm.model import KVCache
+from lm.model import KVCache, ModelConfig, Transformer
 from lm.sampler import Generation, SamplingParams, TorchSampler, completion_text, sample_next
 
 MIXED_PROMPTS = [[5, 17, 33, 2, 9, 11, 40], [7], [60, 61, 62], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [90, 3]]
@@ -181,3 +181,23 @@ def test_completion_text_drops_final_eos(tokenizer):
     gen = Generation(prompt_ids=[1], token_ids=ids + [tokenizer.eos_id], logprobs=[0.0] * (len(ids) + 1),
                      finish_reason="stop")
     assert completion_text(tokenizer, gen) == "<answer> 5 </answer>"
+
+
+def test_per_row_seeds_make_a_group_independent_of_its_batch():
+    """Rows sharing a seed form one stream: a group samples the same tokens alone, beside other
+    groups, or in another order of groups (GRPO shares groups out over ranks this way)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    max_seq_len=64)).eval()
+    sampler = TorchSampler(model)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    groups = {7: [[1, 2, 3]] * 3, 8: [[4, 5]] * 3, 9: [[6, 7, 8, 9]] * 3}
+    together = sampler.generate([p for g in groups.values() for p in g], params,
+                                [s for s, g in groups.items() for _ in g])
+    alone = {s: sampler.generate(g, params, [s] * len(g)) for s, g in groups.items()}
+    assert [x.token_ids for x in together] == [x.token_ids for s in groups for x in alone[s]]
+    rev = sampler.generate([p for s in (9, 7) for p in groups[s]], params, [s for s in (9, 7) for _ in groups[s]])
+    assert [x.token_ids for x in rev] == [x.token_ids for s in (9, 7) for x in alone[s]]
+    assert len({tuple(x.token_ids) for x in alone[7]}) > 1  # rows of one stream still differ
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        sampler.generate(groups[7], params, [1, 2])

@@ -69,6 +69,41 @@ def test_sft_on_two_processes_matches_one(tmp_path, base_dir):
     assert not list((tmp_path / "sft-2proc-work").glob("launch-*/rank-1-out"))  # rank 1's files are gone
 
 
+def sampling_inputs(root: Path) -> dict[str, Path]:
+    """problems (5 train, 7 test) and two random tiny checkpoints (base, a distilled student)."""
+    from tests.stages.sampling_fakes import save_tiny_checkpoint, tiny_tokenizer, write_problems
+
+    tok = tiny_tokenizer()
+    save_tiny_checkpoint(root / "base" / "checkpoint", tok, seed=1)
+    save_tiny_checkpoint(root / "distill" / "students" / "small" / "checkpoint", tok, seed=2, dim=16)
+    write_problems(root / "problems", [
+        {"id": f"t{i}", "prompt": f"What is {i} + {i * 3}?", "answer": str(4 * i), "split": "test" if i < 7 else "train"}
+        for i in range(12)])
+    return {"problems": root / "problems", "base": root / "base", "distill": root / "distill"}
+
+
+def test_evaluate_on_two_processes_writes_the_identical_eval_table(tmp_path):
+    inputs = sampling_inputs(tmp_path / "run")
+    section = {"max_problems": 7, "k": 3, "max_new_tokens": 8, "batch_size": 4}  # 6 sampled + 2 greedy batches
+    one, s1 = in_process("evaluate", section, inputs, tmp_path)
+    two, s2 = two_procs("evaluate", section, inputs, tmp_path)
+    assert s1 == s2
+    for name in ("eval.parquet", "summary.parquet"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@pytest.mark.slow  # the same path as evaluate (stages.sampling), ~60 s here
+def test_cold_start_on_two_processes_writes_the_identical_rows(tmp_path):
+    inputs = sampling_inputs(tmp_path / "run")
+    inputs = {"problems": inputs["problems"], "rl_zero": inputs["base"]}
+    section = {"samples_per_prompt": 3, "max_new_tokens": 8, "batch_size": 4, "checks": []}
+    one, s1 = in_process("cold_start", section, inputs, tmp_path)
+    two, s2 = two_procs("cold_start", section, inputs, tmp_path)
+    assert s1 == s2
+    for f in sorted(one.glob("*.parquet")):
+        assert pq.read_table(f).equals(pq.read_table(two / f.name)), f.name
+
+
 # ------------------------------------------------------------------------------- a failing rank
 
 HOOK = '''
