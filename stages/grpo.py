@@ -39,6 +39,12 @@ order (`PromptStream`, whose only state is a cursor), the sampling seed, the min
 Every `checkpoint_every` steps the policy, optimizer, step, cursor and the rollout/metric rows so
 far are written atomically to `ctx.run_dir/grpo_resume`; a restarted run continues from there and
 ends with the same weights and the same Parquet files as an uninterrupted one.
+
+Several ranks (torchrun, `lm.distributed`): each rank samples and scores every W-th group, with
+the group's own seed, and all ranks receive every group, so rollouts, rewards, advantages and the
+loss normaliser (`LossScale` over the whole mini-batch) are the single-process ones. Each rank
+backpropagates its groups' rows; the gradients are summed across ranks before clipping (not DDP:
+ranks may run different numbers of micro-batches). Rank 0 writes the resume state.
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from artifacts.store import write_table
+from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_checkpoint
 from lm.checkpoint import save_resume as save_resume_state
@@ -259,17 +266,42 @@ class Rollouts:
 def sample_groups(sampler: Sampler, tokenizer: Tokenizer, scorer: Scorer, problems: Sequence[Problem],
                   prompts: Sequence[str], prompt_ids: Sequence[list[int]], group_size: int,
                   params: SamplingParams, seed: int) -> Rollouts:
-    """G completions for each prompt in one `generate` call, decoded and scored."""
-    requests = [list(ids) for ids in prompt_ids for _ in range(group_size)]
-    gens = sampler.generate(requests, params, seed)
+    """G completions for each prompt in one `generate` call, decoded and scored.
+
+    Group p draws from its own random stream (seed `stage_seed(seed, "group:p")`, `lm.sampler`'s
+    per-prompt seeds), so its completions do not depend on the other groups of the call. Under
+    several ranks each samples and scores its own groups (`group_shares`) and every rank receives
+    all of them, as one process would have produced them.
+    """
+    mine = group_shares(len(problems))
+    requests = [list(prompt_ids[p]) for p in mine for _ in range(group_size)]
+    seeds = [stage_seed(seed, f"group:{p}") for p in mine for _ in range(group_size)]
+    gens = sampler.generate(requests, params, seeds) if requests else []
     if len(gens) != len(requests):
         raise RuntimeError(f"sampler returned {len(gens)} generations for {len(requests)} prompts")
     texts = [completion_text(tokenizer, g) for g in gens]
-    per_row = [p for p in problems for _ in range(group_size)]
-    scores = scorer(per_row, [p for p in prompts for _ in range(group_size)], texts)
-    totals = [0.0 if t is None else float(t) for t in scores.total]
-    return Rollouts(list(problems), list(prompts), [list(i) for i in prompt_ids], gens, texts, totals,
-                    {k: list(v) for k, v in scores.components.items()})
+    per_row = [problems[p] for p in mine for _ in range(group_size)]
+    scores = scorer(per_row, [prompts[p] for p in mine for _ in range(group_size)], texts) if requests else None
+    totals = [0.0 if t is None else float(t) for t in (scores.total if scores else [])]
+    components = {k: list(v) for k, v in scores.components.items()} if scores else {}
+    rows = [slice(i * group_size, (i + 1) * group_size) for i in range(len(mine))]
+    groups = distributed.gather_shards([(gens[r], texts[r], totals[r], {k: v[r] for k, v in components.items()})
+                                        for r in rows], len(problems))
+    names = next((list(c) for *_, c in groups if c), [])
+    return Rollouts(list(problems), list(prompts), [list(i) for i in prompt_ids], [g for x in groups for g in x[0]],
+                    [t for x in groups for t in x[1]], [t for x in groups for t in x[2]],
+                    {k: [v for x in groups for v in x[3][k]] for k in names})
+
+
+def group_shares(num_groups: int) -> list[int]:
+    """The groups this rank samples and trains on: every W-th (all of them in one process)."""
+    return distributed.shard_indices(num_groups)
+
+
+def own_rows(num_groups: int, group_size: int) -> Tensor:
+    """Row indices (row p*G + g) of this rank's groups."""
+    return torch.tensor([p * group_size + g for p in group_shares(num_groups) for g in range(group_size)],
+                        dtype=torch.long)
 
 
 def zero_spread_groups(totals: Sequence[float], group_size: int) -> list[bool]:
@@ -442,22 +474,25 @@ def grpo_step(tr: GRPOParts, step: int) -> StepResult:
     adv = ADVANTAGES[cfg.advantage](rewards, cfg.advantage_eps).values.flatten()  # [P*G]
     batch = build_batch(ro.prompt_ids, ro.gens, G, adv, tr.tokenizer.pad_id, cfg.mask_truncated, tr.device)
 
+    own = own_rows(ro.num_groups, G).to(batch.group.device)  # this rank's rows (all in one process)
     ref_logp = None
     if cfg.beta > 0:
         with timer("ref_logprobs"):
-            ref_logp = _no_grad_logprobs(tr.reference, batch, tr.device, tr.dtype, cfg.grad_accum)  # [N, Lc]
+            ref_logp = _no_grad_logprobs(tr.reference, batch, tr.device, tr.dtype, cfg.grad_accum, own)  # [N, Lc]
     sums: dict[str, float] = defaultdict(float)
     norms: list[float] = []
     entropy_sum = 0.0
     reuse_old = cfg.mu > 1 or cfg.minibatches > 1  # else the policy has not moved: ρ = 1 exactly
     if reuse_old and tr.dtype != "fp32":  # the sampler's fp32 log-probs would differ by bf16 rounding
         with timer("old_logprobs"):
-            batch.old_logp = _no_grad_logprobs(tr.policy, batch, tr.device, tr.dtype, cfg.grad_accum)  # [N, Lc]
+            batch.old_logp = _no_grad_logprobs(tr.policy, batch, tr.device, tr.dtype, cfg.grad_accum, own)  # [N, Lc]
     for pass_ in range(cfg.mu):
         for mb in _minibatch_rows(len(ro.gens), cfg.minibatches, tr.seed, step, pass_):
+            # the normaliser counts the whole mini-batch (every rank holds all of it); each rank
+            # backpropagates its own rows and the gradients are summed in `_optimizer_update`
             scale = LossScale.of(batch.loss_mask[mb], cfg.max_new_tokens)
             with timer("policy_fwd_bwd"):
-                for micro in _micro_batches(batch, mb, cfg.grad_accum):
+                for micro in _micro_batches(batch, mb[torch.isin(mb, own.to(mb.device))], cfg.grad_accum):
                     if micro.numel() == 0:  # fewer rows than micro-batches (dynamic sampling)
                         continue
                     m = _backward_micro(tr, batch, micro, ref_logp, scale, reuse_old, step)
@@ -466,7 +501,9 @@ def grpo_step(tr: GRPOParts, step: int) -> StepResult:
                         sums[k] += v
             with timer("optimizer"):
                 norms.append(_optimizer_update(tr, step))
-    for k, v in sums.items():  # each mini-batch's figures are whole-mini-batch means: average them
+    names = sorted(sums)
+    *totals, entropy_sum = distributed.all_reduce_sum([sums[k] for k in names] + [entropy_sum])  # over ranks
+    for k, v in zip(names, totals):  # each mini-batch's figures are whole-mini-batch means: average them
         metrics[k] = v / cfg.updates_per_step
     metrics["entropy"] = entropy_sum / max(float(batch.loss_mask.sum()), 1.0)  # on-policy: pass 0
     metrics["grad_norm"] = float(np.mean(norms))
@@ -492,15 +529,17 @@ def _micro_batches(batch: TrainBatch, rows: Tensor, n: int) -> list[Tensor]:
     return list(torch.tensor_split(rows[torch.argsort(lengths, stable=True)], n))
 
 
-def _no_grad_logprobs(model: Transformer, batch: TrainBatch, device: str, dtype: str, chunks: int) -> Tensor:
+def _no_grad_logprobs(model: Transformer, batch: TrainBatch, device: str, dtype: str, chunks: int,
+                      rows: Tensor | None = None) -> Tensor:
     """Completion log-probs under `model` without autograd, in `chunks` length-sorted pieces.
 
     In fp32 the model runs under `Transformer.fused_inference` (fused q/k/v and gate/up, weights
     pre-packed for oneDNN on CPU): 0.125 s against 0.184 s with plain modules for the benchmark's
     reference pass, single-threaded. Under bf16 autocast the plain modules run (the packed
     weights are fp32 and would bypass autocast)."""
-    out = torch.zeros_like(batch.old_logp)  # [N, Lc]
-    rows = torch.arange(batch.completion_ids.shape[0], device=batch.completion_ids.device)  # [N]
+    out = torch.zeros_like(batch.old_logp)  # [N, Lc] (rows not asked for stay 0)
+    if rows is None:
+        rows = torch.arange(batch.completion_ids.shape[0], device=batch.completion_ids.device)  # [N]
     with torch.inference_mode(), autocast_context(device, dtype), fast_fp32_matmul(device, dtype), \
             (model.fused_inference(batch.completion_ids.numel()) if dtype == "fp32" else nullcontext()):
         for idx in _micro_batches(batch, rows, chunks):
@@ -535,6 +574,7 @@ def _backward_micro(tr: GRPOParts, batch: TrainBatch, idx: Tensor, ref_logp: Ten
 def _optimizer_update(tr: GRPOParts, step: int) -> float:
     """Clip, guard, set the scheduled LR, step, zero the gradients; returns the pre-clip norm."""
     cfg = tr.cfg
+    distributed.all_reduce_grads(tr.policy)  # several ranks: the sum of their rows' gradients
     norm = clip_grad(tr.policy, cfg.max_grad_norm)
     check_finite("gradient norm", norm, step)
     warmup = cfg.warmup_steps * cfg.updates_per_step
@@ -717,7 +757,7 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         metrics += metric_rows(step, m)
         rollouts += rollout_rows(step, res.rollouts, res.advantages, cfg.group_size, reward_names)
         _show(bar, m)
-        if ctx.run_dir is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if ctx.run_dir is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps and distributed.is_main():
             save_resume(ctx.run_dir, tr, step, rollouts, metrics)
     write_table(pa.Table.from_pylist(rollouts, schema=schema), out / "rollouts.parquet", schema)
     write_table(pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA), out / "metrics.parquet", METRICS_SCHEMA)

@@ -104,6 +104,30 @@ def test_cold_start_on_two_processes_writes_the_identical_rows(tmp_path):
         assert pq.read_table(f).equals(pq.read_table(two / f.name)), f.name
 
 
+GRPO = {"steps": 3, "prompts_per_step": 3, "group_size": 4, "max_new_tokens": 10, "warmup_steps": 1,
+        "eval_every": 3, "eval_problems": 3, "eval_samples": 2, "eval_batch_size": 4, "checkpoint_every": 1,
+        "autocast": False, "beta": 0.04, "minibatches": 2, "mu": 2, "loss_aggregation": "token_mean"}
+
+
+def grpo_inputs(root: Path) -> dict[str, Path]:
+    inputs = sampling_inputs(root)
+    return {"base": inputs["base"], "problems": inputs["problems"]}
+
+
+def test_grpo_on_two_processes_samples_the_same_rollouts_and_loss(tmp_path):
+    """3 groups on 2 ranks (2 + 1), μ = 2 passes of 2 shuffled mini-batches, a reference model."""
+    inputs = grpo_inputs(tmp_path / "run")
+    one, _ = in_process("rl_zero", GRPO, inputs, tmp_path)
+    two, _ = two_procs("rl_zero", GRPO, inputs, tmp_path)
+    r1, r2 = pq.read_table(one / "rollouts.parquet"), pq.read_table(two / "rollouts.parquet")
+    assert r1.drop(["advantage"]).equals(r2.drop(["advantage"]))  # same completions, rewards
+    assert r1.column("advantage").to_pylist() == pytest.approx(r2.column("advantage").to_pylist(), abs=1e-12)
+    for name in ("loss", "policy_loss", "kl", "grad_norm"):
+        a, b = losses(one, name), losses(two, name)
+        assert len(a) == 3 and a == pytest.approx(b, rel=1e-5, abs=1e-7), (name, a, b)
+    assert losses(one, "eval/reward_mean") == losses(two, "eval/reward_mean")
+
+
 # ------------------------------------------------------------------------------- a failing rank
 
 HOOK = '''
@@ -145,37 +169,67 @@ def test_a_rank_that_raises_is_named(tmp_path, base_dir, rank1_fails):
     assert e.value.rank == 1
 
 
-@pytest.mark.slow  # three launches, ~80 s on the shared 2-core machine
-def test_a_killed_rank_fails_the_stage_publishes_nothing_and_a_rerun_resumes(tmp_path, base_dir, rank1_fails):
+def stage_in_a_run(root: Path, stage: str, raw: dict, upstream: dict[str, Path]):
+    """A run record at `root` whose upstream entries are published copies of `upstream`; returns
+    (validated config, the stage's scratch directory)."""
     from artifacts import ArtifactStore, RunStore, StageEntry, cache_key
     from pipeline.config import validate
-    from pipeline.runner import StageError, execute_stage, stage_key
+    from pipeline.runner import stage_key
 
-    root = tmp_path / "root"
     store = ArtifactStore(root)
-    cold = write_cold_start(tmp_path / "cold", 18)
-    raw = {"run": {"device": "cpu", "dtype": "fp32", "nproc_per_node": 2},
-           "sft": SFT | {"max_steps": 6, "checkpoint_every": 1}}
-    cfg = validate(raw, stages=("sft",))
-    record = RunStore(root).create(cfg.to_dict(), ("base", "cold_start", "sft"), run_id="r")
-    for up, src in (("base", base_dir), ("cold_start", cold)):
+    cfg = validate(raw, stages=(stage,))
+    record = RunStore(root).create(cfg.to_dict(), (*upstream, stage), run_id="r")
+    for up, src in upstream.items():
         key = cache_key(up, {}, {}, "tests")
         m = store.write(up, key, {}, {}, lambda out, src=src: shutil.copytree(src, out, dirs_exist_ok=True) and {})
         record.stages[up] = StageEntry(status="ran", path=str(store.path_for(up, key)), content_hash=m.content_hash)
     RunStore(root).save(record)
-    key, _ = stage_key("sft", cfg, {u: record.stages[u].content_hash for u in ("base", "cold_start")})
-    scratch = root / "work" / "sft" / key[:24]
+    key, _ = stage_key(stage, cfg, {u: record.stages[u].content_hash for u in upstream})
+    return cfg, root / "work" / stage / key[:24]
 
-    rank1_fails(scratch / "sft" / "LATEST", "kill")
+
+def kill_rank1_then_resume(tmp_path: Path, rank1_fails, stage: str, section: dict, upstream: dict[str, Path],
+                           flag: str, resumed_line: str) -> Path:
+    """Run `stage` on 2 processes, SIGKILL rank 1 once `flag` (in the scratch dir) exists, check the
+    failure, rerun; returns the published artifact of the rerun."""
+    from artifacts import ArtifactStore, RunStore
+    from pipeline.runner import StageError, execute_stage
+
+    root = tmp_path / "root"
+    raw = {"run": {"device": "cpu", "dtype": "fp32", "nproc_per_node": 2}, stage: section}
+    cfg, scratch = stage_in_a_run(root, stage, raw, upstream)
+    rank1_fails(scratch / flag, "kill")
     with pytest.raises((StageError, launch.RankFailed), match=r"rank 1 of 2 died \(killed by signal 9\)"):
-        execute_stage("sft", cfg, "r", root, log=lambda _: None)
-    assert store.lookup("sft", key) is None and not list((root / "artifacts" / "sft").glob(".tmp-*"))
-    assert RunStore(root).load("r").stages["sft"].status == "failed"
-    assert (scratch / "sft" / "LATEST").is_file()  # rank 0's resume state survived
+        execute_stage(stage, cfg, "r", root, log=lambda _: None)
+    assert not list((root / "artifacts" / stage).glob("*"))  # nothing published, no temp dir left
+    assert RunStore(root).load("r").stages[stage].status == "failed"
+    assert (scratch / flag).exists()  # rank 0's resume state survived
 
     rank1_fails(tmp_path / "never", "kill")
     lines: list[str] = []
-    outcome = execute_stage("sft", cfg, "r", root, log=lines.append)
-    assert outcome.status == "ran" and any("sft: resuming at step" in l for l in lines), lines
-    one, _ = in_process("sft", raw["sft"], {"base": base_dir, "cold_start": cold}, tmp_path)
-    assert close(losses(one), losses(outcome.path), 1e-4)  # resumed = uninterrupted, as in one process
+    outcome = execute_stage(stage, cfg, "r", root, log=lines.append)
+    assert outcome.status == "ran" and any(resumed_line in line for line in lines), lines
+    assert ArtifactStore(root).lookup(stage, RunStore(root).load("r").stages[stage].cache_key) is not None
+    return outcome.path
+
+
+@pytest.mark.slow  # three launches, ~80 s on the shared 2-core machine
+def test_a_killed_sft_rank_fails_the_stage_publishes_nothing_and_a_rerun_resumes(tmp_path, base_dir, rank1_fails):
+    cold = write_cold_start(tmp_path / "cold", 18)
+    section = SFT | {"max_steps": 6, "checkpoint_every": 1}
+    out = kill_rank1_then_resume(tmp_path, rank1_fails, "sft", section, {"base": base_dir, "cold_start": cold},
+                                 "sft/LATEST", "sft: resuming at step")
+    one, _ = in_process("sft", section, {"base": base_dir, "cold_start": cold}, tmp_path)
+    assert close(losses(one), losses(out), 1e-4)  # resumed = uninterrupted, as in one process
+
+
+@pytest.mark.slow  # three launches of a GRPO stage
+def test_a_killed_two_process_grpo_resumes(tmp_path, rank1_fails):
+    inputs = grpo_inputs(tmp_path / "run")
+    section = GRPO | {"steps": 4}
+    out = kill_rank1_then_resume(tmp_path, rank1_fails, "rl_zero", section, inputs, "grpo_resume",
+                                 "rl_zero: resuming after step")
+    one, _ = in_process("rl_zero", section, inputs, tmp_path)
+    assert pq.read_table(one / "rollouts.parquet").drop(["advantage"]).equals(
+        pq.read_table(out / "rollouts.parquet").drop(["advantage"]))
+    assert losses(one, "loss") == pytest.approx(losses(out, "loss"), rel=1e-5, abs=1e-7)
