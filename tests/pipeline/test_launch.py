@@ -233,3 +233,27 @@ def test_a_killed_two_process_grpo_resumes(tmp_path, rank1_fails):
     assert pq.read_table(one / "rollouts.parquet").drop(["advantage"]).equals(
         pq.read_table(out / "rollouts.parquet").drop(["advantage"]))
     assert losses(one, "loss") == pytest.approx(losses(out, "loss"), rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------- the whole flow
+
+
+@pytest.mark.slow  # every model stage launches 2 processes: minutes on a 2-core machine
+def test_micro_flow_on_two_processes_completes_with_valid_artifacts(prefect_harness, tmp_path):
+    from artifacts import RunStore, verify
+    from pipeline.config import STAGES
+    from pipeline.inspect import inspect_dataset, resolve
+    from tests.pipeline.cli_helpers import cli_json
+
+    root = tmp_path / "root"
+    summary = cli_json("run", "--preset", "micro", "--set", "run.nproc_per_node=2", "--root", str(root),
+                       "--run-id", "two", "--json")
+    assert summary["status"] == "succeeded" and list(summary["stages"]) == list(STAGES)
+    record = RunStore(root).load("two")
+    for name in STAGES:
+        manifest = verify(record.stages[name].path)
+        for dataset in manifest.rows:
+            assert inspect_dataset(resolve(f"two/{name}/{dataset}", root), rows=1)["rows"] == manifest.rows[dataset]
+    assert not list((root / "work").rglob("rank-*-out"))  # the other ranks' throwaway files are gone
+    ev = record.stages["evaluate"].summary
+    assert all(0.0 <= ev[c]["pass@1"] <= 1.0 for c in ("base", "rl_zero", "sft", "rl_reasoning"))
