@@ -257,3 +257,54 @@ def test_micro_flow_on_two_processes_completes_with_valid_artifacts(prefect_harn
     assert not list((root / "work").rglob("rank-*-out"))  # the other ranks' throwaway files are gone
     ev = record.stages["evaluate"].summary
     assert all(0.0 <= ev[c]["pass@1"] <= 1.0 for c in ("base", "rl_zero", "sft", "rl_reasoning"))
+
+
+# ------------------------------------------------------------------------------- reading failures
+
+TORCHRUN_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+pipeline.launch FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-30_22:10:01
+  host      : box
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 11)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_22:10:00
+  host      : box
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 12)
+  error_file: <N/A>
+============================================================"""
+
+
+def test_failure_names_the_rank_where_it_started(tmp_path):
+    """The consequence (rank 0 stopped by torchrun's SIGTERM, or its collective losing a peer) is
+    never blamed; a rank's own error beats torchrun's report."""
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    tail = TORCHRUN_REPORT.splitlines()
+    e = launch._failure("sft", errors, tail, 1, 2)
+    assert e.rank == 1 and "rank 1 of 2 died (killed by signal 9)" in str(e)
+    (errors / "rank-0.json").write_text(
+        '{"rank": 0, "type": "RuntimeError", "message": "Connection closed by peer [127.0.0.1]:1", "time": 1.0}')
+    assert launch._failure("sft", errors, tail, 1, 2).rank == 1
+    (errors / "rank-1.json").write_text('{"rank": 1, "type": "ValueError", "message": "no rows", "time": 2.0}')
+    e = launch._failure("sft", errors, tail, 1, 2)
+    assert str(e) == "stage sft failed on rank 1 of 2: ValueError: no rows" and e.user_facing
+    assert "exited with 7" in str(launch._failure("sft", tmp_path / "none", ["boom"], 7, 2))
+
+
+def test_torchrun_options_follow_the_run_settings():
+    assert launch.torchrun_args(RunSettings(nproc_per_node=4))[-1] == "--standalone"
+    multi = launch.torchrun_args(RunSettings(nproc_per_node=2, nnodes=2, node_rank=1, rdzv_endpoint="h0:29400"))
+    assert multi[multi.index("--rdzv_endpoint") + 1] == "h0:29400" and multi[multi.index("--node_rank") + 1] == "1"
+    for bad, message in (({"nnodes": 2}, "needs rdzv_endpoint"), ({"node_rank": 1}, "must be below nnodes"),
+                         ({"rdzv_endpoint": "nohost"}, "host:port")):
+        with pytest.raises(ValueError, match=message):
+            RunSettings(**bad)
