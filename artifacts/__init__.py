@@ -2,6 +2,7 @@
 from artifacts.runs import RunRecord, RunStore, StageEntry, new_run_id
 from artifacts.store import (
     MANIFEST,
+    Artifact,
     ArtifactError,
     ArtifactStore,
     Manifest,
@@ -9,6 +10,7 @@ from artifacts.store import (
     code_version,
     content_hash,
     default_root,
+    enclosing_artifact,
     open_parquet,
     read_manifest,
     read_table,
@@ -18,7 +20,7 @@ from artifacts.store import (
 )
 
 __all__ = [
-    "MANIFEST", "ArtifactError", "ArtifactStore", "Manifest", "RunRecord", "RunStore", "StageEntry",
-    "cache_key", "code_version", "content_hash", "default_root", "new_run_id", "open_parquet",
+    "MANIFEST", "Artifact", "ArtifactError", "ArtifactStore", "Manifest", "RunRecord", "RunStore", "StageEntry",
+    "cache_key", "code_version", "content_hash", "default_root", "enclosing_artifact", "new_run_id", "open_parquet",
     "read_manifest", "read_table", "schema_problems", "verify", "write_table",
 ]

@@ -7,6 +7,11 @@ lists them. The record is rewritten atomically after every stage transition.
 A run or stage marked "running" names its owner (host:pid). A killed `r1flow run` cannot update
 its record, so on reading, a "running" entry whose owner process is gone (on this host) reads
 "interrupted"; `r1flow stage NAME --run RUN` resumes such a stage from its scratch state.
+
+One process at a time changes a run: `RunStore.lock(run_id)` (an flock on `runs/<id>/.lock`, held by
+`r1flow run` for the whole run and by `r1flow stage` for its stage) refuses a second one with a
+message naming the holder, so a `stage --force` can never swap a stage out from under a run still
+building on it.
 """
 from __future__ import annotations
 
@@ -14,15 +19,20 @@ import json
 import os
 import secrets
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from artifacts.store import ArtifactError, atomic_write_text, default_root
+from artifacts.store import ArtifactError, atomic_write_text, default_root, hold_flock
 
 STAGE_STATUSES = ("pending", "running", "ran", "cached", "stale", "failed", "interrupted")
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # run lock -> how many times this process holds it (reentrant)
+_held_guard = threading.Lock()
 
 
 def now_iso() -> str:
@@ -146,16 +156,53 @@ class RunStore:
             raise ArtifactError(f"{path}: run record is not valid JSON ({e})") from e
         return RunRecord.from_dict(data, where=str(path))
 
+    @contextmanager
+    def lock(self, run_id: str) -> Iterator[None]:
+        """Own the run for a while: ArtifactError naming the holder if another process owns it.
+
+        Reentrant within a process (the CLI takes it, then the flow it calls takes it again).
+        """
+        path = self.path(run_id).parent / LOCK_FILE
+        with _held_guard:
+            if _held.get(path):
+                _held[path] += 1
+                reentered = True
+            else:
+                reentered = False
+        if reentered:
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    _held[path] -= 1
+            return
+        with hold_flock(path, what=f"run {run_id}", wait=False):
+            with _held_guard:
+                _held[path] = 1
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    _held.pop(path, None)
+
     def save(self, record: RunRecord) -> None:
         path = self.path(record.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record.to_dict(), indent=2, default=str))
 
     def list(self) -> list[RunRecord]:
-        records = []
+        """Every readable run record, oldest first (`scan` also names the unreadable ones)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[RunRecord], dict[str, str]]:
+        """(readable records oldest first, {run id: why its record is unreadable})."""
+        records, unreadable = [], {}
         for path in sorted(self.dir.glob(f"*/{RUN_FILE}")):
             try:
-                records.append(RunRecord.from_dict(json.loads(path.read_text()), where=str(path)))
-            except (ArtifactError, json.JSONDecodeError):
-                continue  # a broken record is reported by `load`, not by listing
-        return sorted(records, key=lambda r: (r.created, r.run_id))
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict):
+                    raise ArtifactError(f"{path}: run record is not a JSON object")
+                records.append(RunRecord.from_dict(data, where=str(path)))
+            except (ArtifactError, ValueError, OSError) as e:
+                unreadable[path.parent.name] = str(e)
+        return sorted(records, key=lambda r: (r.created, r.run_id)), unreadable

@@ -46,9 +46,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     root = Path(args.root)
     runs = RunStore(root)
     runs.load(args.run_id)  # a clear error for an unknown run before Prefect starts
-    if args.overrides:
-        update_run_config(root, args.run_id, args.overrides)
-    result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
+    with runs.lock(args.run_id):  # ... and for a run another process is still building
+        if args.overrides:
+            update_run_config(root, args.run_id, args.overrides)
+        result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
     print(f"{args.name}: {result['status']} -> {result['path']}", file=sys.stderr if args.json else sys.stdout)
     _print_table(root, args.run_id) if not args.json else None
     if args.json:

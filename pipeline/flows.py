@@ -165,20 +165,22 @@ def stage_task(name: str, run_id: str, root: str, force: bool = False) -> dict[s
 def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None) -> list[dict]:
     """Every stage of the R1 recipe in order (or the listed ones), each reused when cached."""
     results = []
-    try:
-        for name in stages or list(STAGES):
-            results.append(stage_task(name, run_id, root, force=name in (force or [])))
-    except BaseException:
-        finish_run(Path(root), run_id, "failed")
-        raise
-    finish_run(Path(root), run_id, "succeeded")
+    with RunStore(root).lock(run_id):  # no `r1flow stage` swaps a stage out from under this run
+        try:
+            for name in stages or list(STAGES):
+                results.append(stage_task(name, run_id, root, force=name in (force or [])))
+        except BaseException:
+            finish_run(Path(root), run_id, "failed")
+            raise
+        finish_run(Path(root), run_id, "succeeded")
     return results
 
 
 @flow(name="r1flow_stage", flow_run_name="{name}-{run_id}", log_prints=True)
 def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
     """Rerun one stage of an existing run, reusing its upstream artifacts."""
-    return stage_task(name, run_id, root, force=force)
+    with RunStore(root).lock(run_id):
+        return stage_task(name, run_id, root, force=force)
 
 
 @flow(name="distill", flow_run_name="distill-{teacher_run}", log_prints=True)
@@ -189,5 +191,6 @@ def distill_flow(teacher_run: str, students: list[str], root: str, overrides: li
     `r1flow inspect TEACHER/distill` and `r1flow runs` show them; `evaluate` becomes stale.
     """
     student_specs = [{"name": s, "model": s} for s in students]
-    update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
-    return stage_task("distill", teacher_run, root)
+    with RunStore(root).lock(teacher_run):
+        update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
+        return stage_task("distill", teacher_run, root)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from artifacts import ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
+from artifacts import Artifact, ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
 from artifacts.runs import now_iso, process_owner
 from lm.train import resolve_device, resolve_dtype_name
 from pipeline import launch
@@ -112,57 +112,69 @@ def execute_stage(
 
     if cfg.run.node_rank != 0 and launch.world_size(cfg.run) > 1 and name not in SINGLE_PROCESS_STAGES:
         return _participate(name, cfg, inputs, root / "work" / name / key[:24], log)
-    hit = None if force else store.lookup(name, key)
-    if hit is not None:
-        try:
-            verify(store.path_for(name, key))
-        except ArtifactError as e:
-            log(f"{name}: cached artifact is corrupt ({e}); recomputing")
-            hit = None
-    if hit is not None:
-        manifest, status, seconds = hit, "cached", 0.0
-        log(f"{name}: reused from cache ({manifest.id})")
-    else:
-        entry.status, entry.started, entry.error, entry.owner = "running", now_iso(), None, process_owner()
-        runs.save(record)
-        device = resolve_device(cfg.run.device)
-        scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
-        scratch.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
-                           run_dir=scratch, log=log)
-        if progress is not None:
-            ctx.progress = progress
-        module = stage_module(name)
-        t0 = time.perf_counter()
-        log(f"{name}: running (key {key[:12]})")
-        try:
-            manifest = store.write(name, key, payload, hashes, _producer(name, cfg, inputs, ctx, scratch),
-                                   module.SCHEMAS)
-        except BaseException as e:
-            record = runs.load(run_id)
-            record.stages[name].status = "failed"
-            record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
-            record.status = "failed"
-            runs.save(record)
-            if isinstance(e, _USER_FACING):
-                raise StageError(f"stage {name} failed: {e}") from e
-            raise
-        seconds = time.perf_counter() - t0
-        shutil.rmtree(scratch, ignore_errors=True)
-        status = "ran"
-        log(f"{name}: done in {seconds:.1f}s ({manifest.id})")
+    # One process builds a stage key at a time; a second one waits here, then takes the cache hit.
+    with store.lock(name, key, on_wait=log):
+        found = None if force else store.find(name, key)
+        if found is not None:
+            try:
+                verify(found.path)
+            except ArtifactError as e:
+                log(f"{name}: cached artifact is corrupt ({e}); recomputing")
+                found = None
+        if found is not None:
+            status, seconds = "cached", 0.0
+            log(f"{name}: reused from cache ({found.manifest.id})")
+        else:
+            found, seconds = _produce(name, cfg, key, payload, inputs, hashes, run_id, root, log, progress)
+            status = "ran"
 
     record = runs.load(run_id)  # re-read: the stage may have run for a long time
     entry = record.stages[name]
-    entry.status, entry.path = status, str(store.path_for(name, key))
-    entry.cache_key, entry.content_hash = key, manifest.content_hash
-    entry.finished, entry.seconds, entry.summary = now_iso(), round(seconds, 2), manifest.summary
-    if previous_hash is not None and previous_hash != manifest.content_hash:
+    entry.status, entry.path = status, str(found.path)
+    entry.cache_key, entry.content_hash = key, found.manifest.content_hash
+    entry.finished, entry.seconds, entry.summary = now_iso(), round(seconds, 2), found.manifest.summary
+    if previous_hash is not None and previous_hash != found.manifest.content_hash:
         stale = record.mark_stale_after(name, STAGES)
         if stale:
             log(f"{name}: new artifact; downstream stages now stale: {', '.join(stale)}")
     runs.save(record)
-    return StageOutcome(name, status, store.path_for(name, key), seconds, manifest.summary)
+    return StageOutcome(name, status, found.path, seconds, found.manifest.summary)
+
+
+def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[str, Path], hashes: dict[str, str],
+             run_id: str, root: Path, log: Callable[[str], None], progress) -> tuple[Artifact, float]:
+    """Run the stage into a new artifact (the caller holds the key's lock); record a failure."""
+    runs, store = RunStore(root), ArtifactStore(root)
+    record = runs.load(run_id)
+    entry = record.stages[name]
+    entry.status, entry.started, entry.error, entry.owner = "running", now_iso(), None, process_owner()
+    runs.save(record)
+    device = resolve_device(cfg.run.device)
+    scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
+    scratch.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
+                       run_dir=scratch, log=log)
+    if progress is not None:
+        ctx.progress = progress
+    module = stage_module(name)
+    t0 = time.perf_counter()
+    log(f"{name}: running (key {key[:12]})")
+    try:
+        published = store.publish(name, key, payload, hashes, _producer(name, cfg, inputs, ctx, scratch),
+                                  module.SCHEMAS)
+    except BaseException as e:
+        record = runs.load(run_id)
+        record.stages[name].status = "failed"
+        record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        record.status = "failed"
+        runs.save(record)
+        if isinstance(e, _USER_FACING):
+            raise StageError(f"stage {name} failed: {e}") from e
+        raise
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
+    log(f"{name}: done in {seconds:.1f}s ({published.manifest.id})")
+    return published, seconds
 
 
 def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:

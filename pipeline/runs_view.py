@@ -40,12 +40,16 @@ def _fmt(v: Any) -> str:
 
 
 def list_runs(root: Path, as_json: bool = False) -> str:
-    records = RunStore(root).list()
+    """Every run, readable or not: a run whose record cannot be read is listed as `unreadable`."""
+    records, unreadable = RunStore(root).scan()
     if as_json:
-        return json.dumps([run_summary(r) for r in records], default=str)
-    if not records:
+        broken = [{"run_id": rid, "status": "unreadable", "error": why} for rid, why in unreadable.items()]
+        return json.dumps([run_summary(r) for r in records] + broken, default=str)
+    if not records and not unreadable:
         return f"no runs under {Path(root) / 'runs'}"
     lines = []
+    for rid, why in unreadable.items():
+        lines.append(f"{rid}  unreadable  {why}")
     for r in records:
         lines.append(f"{r.run_id}  {r.status:<9}  preset={r.preset}  created {r.created}")
         for name, e in r.stages.items():

@@ -90,11 +90,145 @@ def test_write_killed_midway_leaves_no_artifact(tmp_path):
     assert not leftovers[0].exists()  # cleaned: its writer is gone
 
 
-def test_forced_rewrite_replaces_artifact(tmp_path):
+def test_forced_rewrite_publishes_beside_never_over(tmp_path):
+    """A published directory is immutable: a second artifact of the key goes to `<key>.2`."""
     store = ArtifactStore(tmp_path)
-    store.write("sft", "c" * 64, {}, {}, _produce(3), code="v")
-    m = store.write("sft", "c" * 64, {}, {}, _produce(5), code="v")
-    assert read_manifest(store.path_for("sft", "c" * 64)).rows == {"scores.parquet": 5} == m.rows
+    first = store.publish("sft", "c" * 64, {}, {}, _produce(3), code="v")
+    second = store.publish("sft", "c" * 64, {}, {}, _produce(5), code="v")
+    assert first.path == store.path_for("sft", "c" * 64)
+    assert second.path == first.path.with_name(first.path.name + ".2")
+    assert verify(first.path).rows == {"scores.parquet": 3}  # untouched: a record naming it still holds
+    assert verify(second.path).rows == {"scores.parquet": 5}
+    assert store.find("sft", "c" * 64).path == second.path  # the newest is the cache hit
+    assert store.lookup("sft", "c" * 64) == second.manifest
+
+
+def test_temp_dir_of_writer_killed_before_rename_is_cleaned_at_once(tmp_path):
+    """Killed after its stage finished but before the rename: the next write removes the temp dir."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import artifacts.store as store
+        store.os.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die right before publishing
+        store.ArtifactStore({str(tmp_path)!r}).write("sft", "a" * 64, {{}}, {{}}, lambda out: {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = list((tmp_path / "artifacts" / "sft").glob(".tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "manifest.json").is_file()
+    ArtifactStore(tmp_path).write("sft", "b" * 64, {}, {}, _produce(), code="v")
+    assert not leftovers[0].exists()  # its writer is gone: removed now, not an hour later
+
+
+def test_verify_rehashes_only_files_whose_signature_changed(tmp_path, monkeypatch):
+    import artifacts.store as store_mod
+
+    store = ArtifactStore(tmp_path)
+    path = store.publish("sft", "g" * 64, {}, {}, _produce(), code="v").path
+    assert (path / ".hashes.json").is_file()
+    monkeypatch.setattr(store_mod, "_RACY_NS", 0)  # stand-in for "the files are older than 2 s"
+    verify(path)  # remembers every file's hash with its signature
+    reads = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: reads.append(Path(p).name) or real(p))
+    verify(path)
+    assert reads == []  # nothing re-read: a stat per file
+    verify(path, full=True)
+    assert sorted(reads) == ["scores.parquet", "weights.bin"]  # `r1flow verify`: every byte
+    reads.clear()
+    (path / "checkpoint" / "weights.bin").write_bytes(b"\x09\x09")  # same size, new mtime
+    with pytest.raises(ArtifactError, match=r"corrupt \(checkpoint/weights.bin has sha256"):
+        verify(path)
+    assert reads == ["weights.bin"]
+
+
+def test_full_verify_catches_what_the_signature_cannot(tmp_path, monkeypatch):
+    """A sidecar that vouches for a changed file fools the cheap check, never `full=True`."""
+    store = ArtifactStore(tmp_path)
+    path = store.publish("sft", "h" * 64, {}, {}, _produce(), code="v").path
+    weights = path / "checkpoint" / "weights.bin"
+    weights.write_bytes(b"\x07\x07")
+    st = weights.stat()
+    m = read_manifest(path)
+    side = json.loads((path / ".hashes.json").read_text())
+    side["files"]["checkpoint/weights.bin"] = {
+        "sig": [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino],
+        "sha256": m.file_hashes["checkpoint/weights.bin"], "recorded_ns": time.time_ns() + 10**12}
+    (path / ".hashes.json").write_text(json.dumps(side))
+    assert verify(path) == m
+    with pytest.raises(ArtifactError, match="corrupt"):
+        verify(path, full=True)
+
+
+def test_unlisted_file_in_an_artifact_is_corruption(tmp_path):
+    store = ArtifactStore(tmp_path)
+    path = store.publish("sft", "i" * 64, {}, {}, _produce(), code="v").path
+    (path / "checkpoint" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="files not in the manifest"):
+        verify(path)
+
+
+def test_second_writer_of_a_key_waits_for_the_first(tmp_path):
+    import threading
+
+    store = ArtifactStore(tmp_path)
+    said, order = [], []
+    with store.lock("sft", "j" * 64):
+        t = threading.Thread(target=lambda: _locked(store, said, order))
+        t.start()
+        deadline = time.time() + 30
+        while not said and time.time() < deadline:
+            time.sleep(0.05)
+        order.append("first done")
+    t.join(30)
+    assert said and "waiting for another r1flow process (pid" in said[0]
+    assert order == ["first done", "second"]
+
+
+def _locked(store, said, order):
+    with store.lock("sft", "j" * 64, on_wait=said.append):
+        order.append("second")
+
+
+def test_a_run_owned_by_another_process_is_refused(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from artifacts import RunStore
+        runs = RunStore({str(tmp_path)!r})
+        runs.create({{}}, ["problems"], run_id="r1")
+        with runs.lock("r1"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(ArtifactError, match=rf"run r1 is in use by another r1flow process \(pid {proc.pid}\)"):
+            with RunStore(tmp_path).lock("r1"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with RunStore(tmp_path).lock("r1"):  # the holder died: the kernel released its lock
+        with RunStore(tmp_path).lock("r1"):  # reentrant within a process
+            pass
+
+
+def test_unreadable_run_record_is_listed_not_hidden(tmp_path):
+    from pipeline.runs_view import list_runs
+
+    runs = RunStore(tmp_path)
+    runs.create({}, ["problems"], run_id="good")
+    (tmp_path / "runs" / "bad").mkdir()
+    (tmp_path / "runs" / "bad" / "run.json").write_text("{truncated")
+    records, unreadable = runs.scan()
+    assert [r.run_id for r in records] == ["good"] and list(unreadable) == ["bad"]
+    assert "not valid JSON" in unreadable["bad"] or "Expecting" in unreadable["bad"]
+    text = list_runs(tmp_path)
+    assert "bad  unreadable" in text and "good" in text
+    listed = json.loads(list_runs(tmp_path, as_json=True))
+    assert {"run_id": "bad", "status": "unreadable"}.items() <= listed[-1].items()
 
 
 def test_schema_violation_is_refused(tmp_path):
