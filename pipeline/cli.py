@@ -8,6 +8,7 @@
     r1flow schedule distill --teacher RUN_ID --student NAME [--student ...] --cron "..."
     r1flow serve
     r1flow generate --model SOURCE --prompt TEXT
+    r1flow verify RUN_ID | ARTIFACT_DIR
 
 Every verb takes `--root DIR` (default `$R1FLOW_ROOT` or ./r1flow-data). Errors the user can fix
 (bad config, missing artifact, bad input file) print one clear message and exit 2.
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
 
     p = sub.add_parser("runs", help="list runs with their stages' status and headline metrics")
+    p.add_argument("--json", action="store_true")
+    _add_root(p)
+
+    p = sub.add_parser("verify", help="re-hash every file of a run's artifacts (or of one artifact directory)")
+    p.add_argument("target", help="RUN_ID or an artifact directory")
     p.add_argument("--json", action="store_true")
     _add_root(p)
 
@@ -136,6 +142,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stage": _dispatch("pipeline.commands", "cmd_stage"),
     "inspect": cmd_inspect,
     "runs": cmd_runs,
+    "verify": _dispatch("pipeline.verify", "cmd_verify"),
     "report": _dispatch("pipeline.report", "cmd_report"),
     "schedule": _dispatch("pipeline.schedule", "cmd_schedule"),
     "serve": _dispatch("pipeline.schedule", "cmd_serve"),
@@ -148,7 +155,8 @@ def _is_user_error(e: Exception) -> bool:
     if isinstance(e, (ConfigError, ArtifactError)):
         return True
     lm_errors = []
-    for module, name in (("lm.gguf", "LoadError"), ("lm.checkpoint", "CheckpointError")):
+    for module, name in (("lm.gguf", "LoadError"), ("lm.checkpoint", "CheckpointError"),
+                         ("lm.model", "ModelConfigError")):
         mod = sys.modules.get(module)  # only if already imported: no torch import just to check
         if mod is not None and hasattr(mod, name):
             lm_errors.append(getattr(mod, name))
