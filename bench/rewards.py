@@ -10,7 +10,11 @@
 - accuracy_symbolic_per_s: accuracy on distinct LaTeX / symbolic pairs through the worker pool
   with 2 workers (target >= 200/s); pool start-up is reported apart;
 - hostile: a batch of normal symbolic items plus ``--hostile`` items that need minutes of sympy;
-  its time against the bound ``timeout * hostile / workers + normal_time``.
+  its time against the bound ``timeout * hostile / workers + normal_time``;
+- extraction_scaling: accuracy + format + language on one completion whose answer is 64 KB,
+  256 KB and 1 MB of backslashes, braces or ``\\frac{`` (the inputs that made a regex quadratic);
+  per payload the seconds at each size and ``ratio_4x`` = t(1 MB) / t(256 KB), about 4 when linear
+  (16 when quadratic). ``--only extraction_scaling`` runs this case alone.
 """
 from __future__ import annotations
 
@@ -94,6 +98,28 @@ def rate(fn, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+SCALING_PAYLOADS = {"backslashes": "\\", "open_braces": "{", "close_braces": "}", "frac": "\\frac{",
+                    "mixed": "\\{\\frac{1}{\\\\"}
+SCALING_SIZES = (64 * 1024, 256 * 1024, 1024 * 1024)
+
+
+def extraction_scaling() -> dict[str, dict[str, float]]:
+    """Seconds to score one hostile completion per payload and size, and the 4x-size ratio."""
+    out: dict[str, dict[str, float]] = {}
+    for name, unit in SCALING_PAYLOADS.items():
+        row: dict[str, float] = {}
+        for size in SCALING_SIZES:
+            completion = "<think>x</think><answer>" + unit * (size // len(unit)) + "</answer>"
+            start = time.perf_counter()
+            accuracy.accuracy_details([completion], answer=["42"])
+            format_reward([completion])
+            language_consistency_reward([completion])
+            row[f"{size // 1024}KB_s"] = round(time.perf_counter() - start, 4)
+        row["ratio_4x"] = round(row["1024KB_s"] / max(row["256KB_s"], 1e-9), 2)
+        out[name] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-fast", type=int, default=20_000)
@@ -102,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--hostile", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["extraction_scaling"], default=None, help="run one case alone")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     out: dict[str, object] = {"cpus": os.cpu_count()}
+    if args.only == "extraction_scaling":
+        out["extraction_scaling"] = extraction_scaling()
+        print(json.dumps(out))
+        return 0
 
     # single-core sections: pin this process, then restore before the pool starts
     old_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
@@ -153,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "over_bound_seconds": round(max(0.0, hostile_s - bound), 3),
         "timeouts": sum(r == "timeout" for _, r in batch), "workers_replaced": pool.restarts - restarts,
     }
+    out["extraction_scaling"] = extraction_scaling()
     print(json.dumps(out))
     return 0
 

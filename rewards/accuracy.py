@@ -21,6 +21,8 @@ processes, ``DEFAULT_TIMEOUT_S`` per comparison) starts on first use and is reus
 from __future__ import annotations
 
 import functools
+import math
+import re
 from typing import Any
 
 from rewards.extract import (
@@ -31,13 +33,14 @@ from rewards.numbers import (
     PlainNumber, decimal_comma_equal, parse_plain_number, plain_numbers_equal,
 )
 from rewards.pool import TaskResult, WorkerPool
-from rewards.registry import Score, column, register
+from rewards.registry import Score, column, completion_text, register, text_item
 
 DEFAULT_WORKERS = 2
 DEFAULT_TIMEOUT_S = 3.0
 _TASK = "rewards.equivalence:judge"
 
 _pool: WorkerPool | None = None
+_NOT_A_NUMBER = re.compile(r"[-+]?nan", re.I)  # a NaN that reached a reference column as text
 
 
 def configure(workers: int = DEFAULT_WORKERS, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -70,9 +73,13 @@ def _reference(ref_raw: str) -> tuple[str, str | None, PlainNumber | None]:
 def _prepare(region: str | None, reference: Any) -> _Decided | _Task:
     if reference is None:
         return None, "no reference answer"
+    if isinstance(reference, float) and not math.isfinite(reference):
+        return None, f"reference is {reference}, not an answer"
     ref, letter, ref_number = _reference(reference if isinstance(reference, str) else str(reference))
     if not ref:
         return None, "no reference answer"
+    if _NOT_A_NUMBER.fullmatch(ref):
+        return None, f"reference is {ref!r}, not an answer"
     if len(ref) > MAX_ANSWER_CHARS:
         return None, "reference too long"
     if letter is not None:
@@ -126,6 +133,7 @@ def _judge_all(items: list[_Decided | _Task], pool: WorkerPool | None) -> list[_
             for it in items]
 
 
+@text_item
 def accuracy_item(completion: str, answer: Any = None, **_: Any) -> tuple[Score, str]:
     """Score one completion against its reference answer; returns (score, reason)."""
     return _judge_all([_prepare(answer_region(completion), answer)], None)[0]
@@ -147,8 +155,15 @@ def accuracy_details(completions: list[str], answer: Any = None, pool: WorkerPoo
     if answer is None:
         raise ValueError("accuracy reward needs the 'answer' column (one reference per completion)")
     refs = column({"answer": answer}, "answer", len(completions), None)
-    items = [_prepare(answer_region(c), r) for c, r in zip(completions, refs)]
+    items = [_prepare_completion(c, r) for c, r in zip(completions, refs)]
     return _judge_all(items, pool)
+
+
+def _prepare_completion(completion: Any, reference: Any) -> _Decided | _Task:
+    text = completion_text(completion)
+    if text is None:
+        return 0.0, f"completion is {type(completion).__name__}, not text"
+    return _prepare(answer_region(text), reference)
 
 
 register("accuracy", accuracy_item)(accuracy_reward)

@@ -37,7 +37,7 @@ from rewards.latex import (
     PERCENT, PLUS_MINUS, Approx, Node, ParseError, Relation, Seq, Text, UnionOf,
     is_finite_decimal, parse,
 )
-from rewards.numbers import rounds_or_truncates_to
+from rewards.numbers import approximates
 
 _REL_TOL = sympy.Float("1e-20", 30)
 _EQUALITY_OPS = frozenset({"=", "~"})
@@ -324,7 +324,7 @@ def _close(approx: sympy.Expr, lit: Approx | None, scale: sympy.Rational, exact:
     value = exact.evalf(40)
     if not (value.is_number and value.is_real):
         return False
-    return rounds_or_truncates_to(approx, value, lit.tol * scale)
+    return approximates(approx, lit.tol * scale, lit.sig, value)
 
 
 def _bad(e: sympy.Expr) -> bool:

@@ -84,7 +84,9 @@ def boxed_contents(text: str) -> list[str]:
 
 _CONTROL_ESCAPES = {"\x07": "\\a", "\x08": "\\b", "\x0b": "\\v", "\x0c": "\\f", "\t": "\\t"}
 _CONTROL = re.compile(r"[\x07\x08\x0b\x0c\t](?=[a-z])")
-_BACKSLASH_RUN = re.compile(r"\\{2,}(?=[A-Za-z])")
+# Starts only at the beginning of a run (the lookbehind): a long run not followed by a letter is
+# then scanned once, not once per starting position (which was quadratic).
+_BACKSLASH_RUN = re.compile(r"(?<!\\)\\{2,}(?=[A-Za-z])")
 _UNICODE = str.maketrans({
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
     "\u00f7": "\\div ", "\u2264": "\\le ", "\u2265": "\\ge ", "\u2260": "\\ne ", "\u03c0": "\\pi ",

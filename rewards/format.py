@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rewards.registry import Score, column, register
+from rewards.registry import Score, column, register, text_item
 
 _TAG = re.compile(r"</?(?:think|answer)>")
 _EXPECTED = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -38,6 +38,7 @@ def _tags(text: str) -> list[re.Match]:
     return list(_TAG.finditer(text))
 
 
+@text_item
 def format_item(completion: str, think_prefilled: bool = False, prompt: Any = None,
                 **_: Any) -> tuple[Score, str]:
     """Strict R1 format check; returns (1.0 | 0.0, reason)."""
@@ -70,6 +71,7 @@ def _describe_tags(names: list[str]) -> str:
     return "tags out of order"
 
 
+@text_item
 def format_soft_item(completion: str, think_prefilled: bool = False, prompt: Any = None,
                      **_: Any) -> tuple[Score, str]:
     """Partial credit: 0.5 for one non-empty think block, 0.5 for one non-empty answer after it."""

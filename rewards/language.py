@@ -26,7 +26,7 @@ from collections import Counter
 from typing import Any
 
 from rewards.extract import math_spans
-from rewards.registry import Score, column, register
+from rewards.registry import Score, column, register, text_item
 
 MIN_WORDS = 5
 NEUTRAL = 1.0
@@ -126,6 +126,7 @@ def _scripts_for(language: Any) -> frozenset[str] | None:
     return LANGUAGE_SCRIPTS.get(code)
 
 
+@text_item
 def language_consistency_item(completion: str, language: Any = "en", min_words: int = MIN_WORDS,
                               neutral: float = NEUTRAL, **_: Any) -> tuple[Score, str]:
     """Share of target-language words in the chain of thought; returns (score, reason)."""

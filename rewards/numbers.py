@@ -7,14 +7,16 @@ What counts as a plain number (after :func:`rewards.extract.normalize_answer`): 
 an integer or decimal (``.5``, ``1000.0``), thousands separators (``7,425,000``, ``1 000``,
 ``11,\\!111``), an integer fraction (``3/4``, ``\\frac{3}{4}``, ``\\frac34``, ``-\\frac{a}{b}``), a
 mixed number (``1 1/2``, ``2\\frac58``: read as 2 5/8, the elementary-school convention, not 2*5/8),
-an optional percent sign (``%``, ``percent``, ``pct``).
+an optional percent sign (``%``, ``percent``, ``pct``), E-notation (``1e3``, ``2.5E-4``).
 
 Policies (shared with the symbolic path, :mod:`rewards.equivalence`):
 - Exact values compare exactly: ``0.5 == 1/2`` but ``1/2**99 != 1/2**98``; no float rounding.
 - A decimal literal may stand for a value that has no finite decimal expansion (``0.3333`` for
   1/3, ``1.732`` for sqrt 3): it is accepted when it has at least 3 significant digits and is that
   value rounded or truncated to the digits written (``0.3334`` is neither). Against a value that
-  does have a finite expansion (1/8 = 0.125) a decimal must be exact.
+  does have a finite expansion (1/8 = 0.125) a decimal must be exact. A decimal of 15 or more
+  significant digits is also accepted when it is the value's nearest double (a program's printout,
+  ``1.4142135623730951`` for sqrt 2).
 - Percent: a number written with ``%`` may mean p or p/100 (``10%`` matches ``10`` and ``0.1``);
   two percentages compare by their numbers.
 - A decimal comma is ambiguous with a list (``6,8`` is two answers): ``1,22`` is read as 1.22 only
@@ -37,6 +39,7 @@ _NUMBER = re.compile(
       | \\frac\s*(?:\{\s*(?P<fn>[-+]?\d+)\s*\}|(?P<fn1>\d))\s*
                  (?:\{\s*(?P<fd>\d+)\s*\}|(?P<fd1>\d))                  # \frac{3}{4}, \frac34
       | (?P<int>\d+)?(?:\.(?P<dec>\d+))?(?P<dot>\.)?                    # 12, 1.5, .5, 12.
+        (?:[eE](?P<exp>[-+]?\d{1,3}))?                                # 1e3, 2.5E-4
     )
     \s*(?P<pct>%|percent(?:age)?|pct)?""",
     re.X,
@@ -102,10 +105,13 @@ def parse_plain_number(text: str) -> PlainNumber | None:
             return None
         if g["dot"] and g["int"] is None:
             return None
+        if g["exp"] is not None and g["dot"]:
+            return None  # "1.e3"
         digits = (g["int"] or "") + (g["dec"] or "")
-        value = Fraction(int(digits)) / (10 ** len(g["dec"] or ""))
+        scale = Fraction(10) ** int(g["exp"] or 0)
+        value = Fraction(int(digits)) / (10 ** len(g["dec"] or "")) * scale
         if g["dec"]:
-            tol = Fraction(1, 10 ** len(g["dec"]))
+            tol = Fraction(1, 10 ** len(g["dec"])) * scale
             sig = len(digits.lstrip("0"))
     whole = g["whole"] or whole_latex
     if whole is not None:
@@ -138,9 +144,30 @@ def rounds_or_truncates_to(approx, exact, tol) -> bool:
     return same_sign and 0 <= abs(exact) - abs(approx) < tol
 
 
+FLOAT_REPR_DIGITS = 15  # a decimal this precise may be a double's printout (repr) of the value
+
+
+def is_float_repr(approx, exact, sig: int) -> bool:
+    """A decimal of >= 15 significant digits that is the value rounded to the nearest double:
+    what a program prints for it (``1.4142135623730951`` for sqrt 2), correct though its last
+    digit is not the decimal rounding."""
+    if sig < FLOAT_REPR_DIGITS:
+        return False
+    try:
+        return float(approx) == float(exact)
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def approximates(approx, tol, sig: int, exact) -> bool:
+    """A decimal literal (one unit of its last digit ``tol``, ``sig`` significant digits) stands
+    for ``exact``: rounded or truncated to the digits written, or a double's printout of it."""
+    return tol is not None and sig >= 3 and (rounds_or_truncates_to(approx, exact, tol)
+                                              or is_float_repr(approx, exact, sig))
+
+
 def _close(approx: Fraction, tol: Fraction | None, sig: int, exact: Fraction) -> bool:
-    return (tol is not None and sig >= 3 and not has_finite_decimal(exact)
-            and rounds_or_truncates_to(approx, exact, tol))
+    return not has_finite_decimal(exact) and approximates(approx, tol, sig, exact)
 
 
 def plain_numbers_equal(ref: PlainNumber, cand: PlainNumber) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rewards.registry import Score, column, register
+from rewards.registry import Score, column, register, text_item
 
 DEFAULT_MAX_LENGTH = 4096
 DEFAULT_CACHE_LENGTH = 1024
@@ -39,6 +39,7 @@ def overlong_value(length: int, max_length: int = DEFAULT_MAX_LENGTH,
     return -1.0
 
 
+@text_item
 def overlong_item(completion: str, completion_length: int | None = None,
                   max_length: int = DEFAULT_MAX_LENGTH, cache_length: int = DEFAULT_CACHE_LENGTH,
                   **_: Any) -> tuple[Score, str]:
@@ -58,6 +59,7 @@ def _words(text: str) -> list[str]:
     return _CJK_CHAR.sub(r" \1 ", text).split() if not text.isascii() else text.split()
 
 
+@text_item
 def repetition_item(completion: str, ngram_size: int = 3, max_penalty: float = -1.0,
                     **_: Any) -> tuple[Score, str]:
     if max_penalty > 0:

@@ -11,6 +11,7 @@ rollouts one at a time; :func:`explain` dispatches to it by name.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
@@ -27,6 +28,31 @@ ItemFn = Callable[..., tuple[Score, str]]
 
 REGISTRY: dict[str, RewardFn] = {}
 ITEM_FORMS: dict[str, ItemFn] = {}
+
+
+def completion_text(completion: Any) -> str | None:
+    """A completion as text: a string, or TRL's conversational form (a list of messages, the last
+    one's ``content``); None for anything else (None, bytes, numbers), which rewards score 0."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion:
+        last = completion[-1]
+        content = last.get("content") if isinstance(last, Mapping) else None
+        return content if isinstance(content, str) else None
+    return None
+
+
+def text_item(item: ItemFn) -> ItemFn:
+    """Make an item form take any completion: a non-text one scores 0.0 with a reason (never raises)."""
+
+    @functools.wraps(item)
+    def wrapped(completion: Any, *args: Any, **kwargs: Any) -> tuple[Score, str]:
+        text = completion_text(completion)
+        if text is None:
+            return 0.0, f"completion is {type(completion).__name__}, not text"
+        return item(text, *args, **kwargs)
+
+    return wrapped
 
 
 def register(name: str, item: ItemFn) -> Callable[[RewardFn], RewardFn]:

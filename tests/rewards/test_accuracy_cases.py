@@ -216,6 +216,16 @@ CASES: list[tuple[str, str, str, float | None]] = [
     ("choice-boxed-text", "\\text{C}", r1("$\\boxed{\\text{(C)}}$"), 1.0),
     ("base-subscript", "4210_{7}", r1("4210_7"), 1.0),
     ("base-subscript-not-decimal", "204_5", r1("54"), 0.0),
+    # --- issue 20: E-notation, a double's printout, NaN/inf references
+    ("e-notation", "1000", r1("1e3"), 1.0),
+    ("e-notation-reference", "2.5e-4", r1("0.00025"), 1.0),
+    ("e-notation-wrong", "1000", r1("1e4"), 0.0),
+    ("float-repr-of-sqrt2", "\\sqrt{2}", r1("1.4142135623730951"), 1.0),
+    ("float-repr-of-third", "1/3", r1("0.3333333333333333"), 1.0),
+    ("float-repr-off-by-far", "\\sqrt{2}", r1("1.4142135623730960"), 0.0),
+    ("none-nan-reference", float("nan"), r1("nan"), None),
+    ("none-nan-text-reference", "NaN", r1("nan"), None),
+    ("none-infinite-reference", float("inf"), r1("inf"), None),
     # --- cannot judge: None, never silently 0
     ("none-missing-reference", None, r1("5"), None),
     ("none-empty-reference", "", r1("5"), None),

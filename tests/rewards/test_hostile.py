@@ -168,3 +168,100 @@ def test_pool_is_still_healthy_after_the_suite(fast_pool):
     assert accuracy.get_pool() is fast_pool
     assert fast_pool.processes == fast_pool.n_workers + fast_pool.spares
     assert accuracy_item(r1("x^2-1"), answer="(x-1)(x+1)") == (1.0, "equivalent")
+
+
+# ----------------------------------------------------------------------------- length scaling
+# Every regex that sees model output must be linear in its length (issue 20: a run of backslashes
+# made `fix_escapes` quadratic, 67 s for 100k characters). Time at n and 4n characters: linear
+# code takes ~4x, quadratic ~16x; the bound 8x (+ 50 ms of scheduling noise) separates them.
+
+SCALING_UNITS = ["\\", "{", "}", "\\frac{", "\\boxed{", "$", " ", "\n", "1", "1,", ",", "answer is ",
+                 "\\text{", "<think>", "<answer>", "</answer>", "a", "答案", "\\(", "^{", "a ", "\\\\a"]
+SCALING_WRAPS = [("", ""), ("<answer>", "</answer>"), ("<think>x</think>", ""), ("", "x")]
+
+
+def _best_seconds(fn, arg, reps: int = 2) -> float:
+    import gc
+
+    best = float("inf")
+    gc.disable()  # a collection landing in one timing is not the code's cost
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn(arg)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return best
+
+
+def _superlinear(fn, n: int, units=SCALING_UNITS, wraps=SCALING_WRAPS) -> list[str]:
+    slow = []
+    for unit in units:
+        for head, tail in wraps:
+            small = head + unit * (n // len(unit)) + tail
+            large = head + unit * (4 * n // len(unit)) + tail
+            t1, t4 = _best_seconds(fn, small), _best_seconds(fn, large)
+            if t4 > 8 * t1 + 0.05:
+                slow.append(f"{head}{unit!r}*n{tail}: {t1:.3f}s -> {t4:.3f}s")
+    return slow
+
+
+def _reward_fns():
+    from rewards import format_soft_reward, repetition_penalty
+
+    return {
+        "accuracy": lambda c: accuracy_details([c], answer=["42"]),
+        "format": lambda c: format_reward([c]),
+        "format_soft": lambda c: format_soft_reward([c]),
+        "language_consistency": lambda c: language_consistency_reward([c]),
+        "repetition_penalty": lambda c: repetition_penalty([c]),
+    }
+
+
+@pytest.mark.parametrize("name", ["accuracy", "format", "format_soft", "language_consistency", "repetition_penalty"])
+def test_reward_time_is_linear_in_completion_length(name):
+    assert _superlinear(_reward_fns()[name], 20_000, wraps=SCALING_WRAPS[1:3]) == []
+
+
+def test_backslash_run_is_linear():
+    """The issue's case: 100k backslashes in an answer took 67.7 s."""
+    start = time.perf_counter()
+    score, reason = accuracy_item("<answer>" + "\\" * 100_000 + "</answer>", answer="42")
+    assert (score, reason) == (0.0, "answer too long")
+    assert time.perf_counter() - start < 2.0
+
+
+def _output_regexes():
+    """Compiled patterns of the modules that scan whole completions (rewards.numbers and
+    rewards.latex only see an extracted answer, bounded by MAX_DIGITS / MAX_ANSWER_CHARS)."""
+    import importlib
+    import re
+
+    for module in ("rewards.extract", "rewards.format", "rewards.language", "rewards.penalties",
+                   "stages.filters"):
+        for name, value in vars(importlib.import_module(module)).items():
+            if isinstance(value, re.Pattern):
+                yield f"{module}.{name}", value
+
+
+@pytest.mark.parametrize("name,pattern", list(_output_regexes()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_output_regex_is_linear(name, pattern):
+    def scan(text: str) -> None:
+        pattern.subn("", text)  # every match the engine finds, without a Python object per match
+
+    assert _superlinear(scan, 10_000, wraps=[("", ""), ("", "x")]) == []
+
+
+def test_non_text_completions_score_zero_with_a_reason():
+    from rewards import ITEM_FORMS, REGISTRY
+
+    for bad in (None, b"<answer>42</answer>", 42, [{"role": "assistant"}]):
+        for name, item in ITEM_FORMS.items():
+            kwargs = {"answer": "42"} if name == "accuracy" else {}
+            assert item(bad, **kwargs) == (0.0, f"completion is {type(bad).__name__}, not text"), name
+        for name, fn in REGISTRY.items():
+            kwargs = {"answer": ["42"]} if name == "accuracy" else {}
+            assert fn([bad], **kwargs) == [0.0], name
+    conversational = [{"role": "assistant", "content": "<think>t</think><answer>42</answer>"}]
+    assert accuracy_reward([conversational], answer=["42"]) == [1.0]

@@ -33,6 +33,9 @@ from rewards.numbers import (
     ("10%", Fraction(10), True),
     ("28 percent", Fraction(28), True),
     ("12.5 pct", Fraction(25, 2), True),
+    ("1e3", Fraction(1000), False),  # E-notation (issue 20)
+    ("2.5E-4", Fraction(1, 4000), False),
+    ("-1.5e+2", Fraction(-150), False),
 ])
 def test_parses(text, value, percent):
     n = parse_plain_number(text)
@@ -40,7 +43,7 @@ def test_parses(text, value, percent):
 
 
 @pytest.mark.parametrize("text", [
-    "", "x", "1/0", "\\frac{1}{0}", "1,2", "0,111", "2x", "1e5", "3 4", "1 3/2", "--1", "%",
+    "", "x", "1/0", "\\frac{1}{0}", "1,2", "0,111", "2x", "2e", "1.e5", "1e", "e5", "3 4", "1 3/2", "--1", "%",
     "1.2.3", "\\sqrt{2}", "9" * 500,
 ])
 def test_rejects(text):
