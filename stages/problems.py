@@ -37,6 +37,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -281,8 +282,12 @@ def _bad_bytes(text: str) -> str:
 
 
 def _as_text(value: Any, path: Path, where: str, column: str) -> str:
-    """A cell as text: numbers become their decimal form (5.0 -> '5'); containers are an error."""
-    if value is None:
+    """A cell as text: numbers become their decimal form (5.0 -> '5'); containers are an error.
+
+    NaN and infinities (JSON's NaN/Infinity, a float column's missing values) are no value at all:
+    empty, like null, so their rows are dropped and counted, never kept as the answer "nan".
+    """
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     if isinstance(value, str):
         return value

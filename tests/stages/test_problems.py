@@ -253,3 +253,17 @@ def test_invalid_utf8_parquet_names_the_row(tmp_path):
     out, s = run(tmp_path, "b", source="file", path=str(path), on_invalid_utf8="skip")
     assert [(r["prompt"], r["answer"]) for r in rows(out)] == [("What is 1 + 1?", "2")]
     assert s["skipped_invalid_utf8"] == 2
+
+
+def test_nan_and_infinity_answers_are_dropped_like_null(tmp_path):
+    """JSON's NaN / Infinity (and a float column's NaN) are no answer: dropped and counted, never "nan"."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a?", "answer": NaN}\n{"prompt": "b?", "answer": Infinity}\n'
+                    '{"prompt": "c?", "answer": -Infinity}\n{"prompt": "d?", "answer": 4.0}\n')
+    out, s = run(tmp_path, source="file", path=str(path))
+    assert [(r["prompt"], r["answer"]) for r in rows(out)] == [("d?", "4")]
+    assert s["dropped_empty_answer"] == 3
+    pq_path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["e?", "f?"], "answer": [float("nan"), 2.5]}), pq_path)
+    out, s = run(tmp_path, "q", source="file", path=str(pq_path))
+    assert [(r["prompt"], r["answer"]) for r in rows(out)] == [("f?", "2.5")] and s["dropped_empty_answer"] == 1
