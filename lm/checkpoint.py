@@ -33,7 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, ModelConfigError, Transformer, shape_mismatches
 from lm.tokenizer import Tokenizer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "load_training_state", "save_resume", "load_resume",
@@ -107,10 +107,8 @@ def export_state_dict(model: Transformer) -> dict[str, Tensor]:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every state_dict key of `Transformer(cfg)` with its shape, without allocating weights."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Every state_dict key of `Transformer(cfg)` with its shape, without building anything."""
+    return cfg.param_shapes()
 
 
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None,
@@ -153,10 +151,13 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     config = _read_config(d)
-    cfg = ModelConfig.from_dict(config["model"])
-    stored = resolve_dtype(config["dtype"])
+    cfg = model_config(config["model"], f"{d / CONFIG}: model")  # sizes checked before anything is built
+    try:
+        stored = resolve_dtype(config["dtype"])
+    except ValueError as err:
+        raise CheckpointError(f"{d / CONFIG}: dtype: {err}") from None
     tensors = read_safetensors(d / WEIGHTS)
-    _validate_tensors(tensors, expected_shapes(cfg), stored, d / WEIGHTS)
+    _validate_tensors(tensors, cfg, stored, d / WEIGHTS)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -168,6 +169,18 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{d}: tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{cfg.vocab_size} embedding rows")
     return model, tokenizer, config["meta"]
+
+
+def model_config(fields: Any, where: str) -> ModelConfig:
+    """`ModelConfig` from a checkpoint's `model` entry; CheckpointError naming a bad field."""
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(fields).__name__}")
+    try:
+        return ModelConfig.from_dict(fields)
+    except ModelConfigError as err:
+        raise CheckpointError(f"{where}.{err}") from None
+    except ValueError as err:  # dim not divisible by n_heads, ...
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def _read_config(d: Path) -> dict[str, Any]:
@@ -210,18 +223,11 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is a corrupt safetensors file: {err}") from err
 
 
-def _validate_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                      path: Path) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:8]} for this config")
-    for name, shape in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+def _validate_tensors(tensors: dict[str, Tensor], cfg: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    problems = shape_mismatches(cfg, {k: tuple(v.shape) for k, v in tensors.items()})
+    if problems:
+        raise CheckpointError(f"{path}: the tensors do not fit config.json: " + "; ".join(problems))
+    for name, t in tensors.items():
         if t.dtype != dtype:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected {dtype} "
                                   "(as declared in config.json)")

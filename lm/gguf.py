@@ -27,7 +27,7 @@ import torch
 
 from lm.bpe_convert import GGUF_PRE_SPLITS, BPEConversionError, convert_byte_level_bpe, make_tokenizer
 from lm.checkpoint import resolve_dtype
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, ModelConfigError, Transformer, shape_mismatches
 from lm.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -147,32 +147,53 @@ def gguf_model_config(reader: Any, max_seq_len: int | None = None) -> ModelConfi
         return field_value(reader, f"{arch}.{key}", default)
 
     names = {t.name for t in reader.tensors}
-    dim, n_heads = get("embedding_length"), get("attention.head_count")
-    rope_dim = get("rope.dimension_count", dim // n_heads)
-    if rope_dim != dim // n_heads:
-        raise GGUFError(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
-                        f"{dim // n_heads}) are not supported")
-    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") not in ("none", ""):
-        raise GGUFError("RoPE frequency scaling (Llama 3.1-style rope_freqs / rope.scaling) is not supported")
-    if get("attention.key_length", dim // n_heads) != dim // n_heads:
-        raise GGUFError("attention.key_length differs from embedding_length / head_count: not supported")
-    context = get("context_length")
     vocab = get("vocab_size", None)
     if vocab is None:
         vocab = len(field_value(reader, "tokenizer.ggml.tokens"))
-    return ModelConfig(
-        vocab_size=int(vocab),
-        dim=int(dim),
-        n_layers=int(get("block_count")),
-        n_heads=int(n_heads),
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        ffn_dim=int(get("feed_forward_length")),
-        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        max_seq_len=int(min(context, max_seq_len) if max_seq_len else context),
-        tie_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-    )
+    context = _int(get("context_length"), f"{arch}.context_length")
+    n_heads = _int(get("attention.head_count"), f"{arch}.attention.head_count")
+    fields = {  # ModelConfig field -> (value, the GGUF key it came from)
+        "vocab_size": (vocab, f"{arch}.vocab_size"),
+        "dim": (get("embedding_length"), f"{arch}.embedding_length"),
+        "n_layers": (get("block_count"), f"{arch}.block_count"),
+        "n_heads": (n_heads, f"{arch}.attention.head_count"),
+        "n_kv_heads": (get("attention.head_count_kv", n_heads), f"{arch}.attention.head_count_kv"),
+        "ffn_dim": (get("feed_forward_length"), f"{arch}.feed_forward_length"),
+        "max_seq_len": (min(context, max_seq_len) if max_seq_len else context, f"{arch}.context_length"),
+    }
+    try:  # every size is checked against sane bounds here, before anything is allocated
+        cfg = ModelConfig(
+            **{k: _int(v, key) for k, (v, key) in fields.items()},
+            norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=_f32(get("rope.freq_base", 10000.0)),
+            tie_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+        )
+    except ModelConfigError as e:
+        key = fields[e.field][1] if e.field in fields else e.field
+        raise GGUFError(f"GGUF metadata {key}: {e.reason}") from None
+    except ValueError as e:  # embedding_length not divisible by head_count, ...
+        raise GGUFError(f"GGUF metadata: {e}") from None
+    head_dim = cfg.head_dim
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise GGUFError(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
+                        f"{head_dim}) are not supported")
+    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") not in ("none", ""):
+        raise GGUFError("RoPE frequency scaling (Llama 3.1-style rope_freqs / rope.scaling) is not supported")
+    if get("attention.key_length", head_dim) != head_dim:
+        raise GGUFError("attention.key_length differs from embedding_length / head_count: not supported")
+    return cfg
+
+
+def _int(value: Any, key: str) -> int:
+    """A GGUF size field as an int; GGUFError naming the key if it is not a whole number."""
+    try:
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise GGUFError(f"GGUF metadata {key}: must be an integer, got {value!r}") from None
 
 
 def _f32(value: float) -> float:
@@ -230,6 +251,11 @@ def gguf_model(reader: Any, device: str | torch.device = "cpu", dtype: str | tor
                max_seq_len: int | None = None, source: str = "gguf") -> Transformer:
     """`load_gguf_model` on an already opened reader (`source` names it in errors)."""
     cfg = gguf_model_config(reader, max_seq_len)
+    # The tensor headers (ggml lists dims innermost first) against the config, before dequantizing.
+    shapes = {r1flow_name(t.name): tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    problems = shape_mismatches(cfg, shapes)
+    if problems:
+        raise GGUFError(f"{source}: tensors do not match the metadata: " + "; ".join(problems))
     cast = target_dtype(dtype, torch.float32)
     return build_model(cfg, gguf_state_dict(reader, cfg, cast), device, cast, source)
 
@@ -242,17 +268,11 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str | tor
     with its name. The tensors of `sd` are adopted as the parameters (`assign=True`), so the
     weights are not copied a second time.
     """
-    model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    extra = sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise LoadError(f"{source}: tensors do not match the config: missing {missing[:8]}, "
-                        f"unexpected {extra[:8]}")
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LoadError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
-                            f"config expects {tuple(expected[name].shape)}")
+    problems = shape_mismatches(cfg, {k: tuple(t.shape) for k, t in sd.items()})
+    if problems:  # checked before the model is built: a config that lies allocates nothing
+        raise LoadError(f"{source}: tensors do not match the config: " + "; ".join(problems))
+    with torch.device("meta"):
+        model = Transformer(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.to(device).eval()
 

@@ -31,7 +31,7 @@ import torch
 from lm.bpe_convert import (DIGITS_THEN_GPT2_SPLIT, GPT2_SPLIT, BPEConversionError,
                             convert_byte_level_bpe, make_tokenizer)
 from lm.gguf import LoadError, build_model, target_dtype
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, ModelConfigError, Transformer
 from lm.tokenizer import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -95,11 +95,6 @@ def hf_model_config(hf: dict[str, Any], max_seq_len: int | None = None) -> Model
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFCheckpointError(f"unsupported model_type {model_type!r}: r1flow loads {list(SUPPORTED_MODEL_TYPES)}")
-    try:
-        dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        vocab, n_layers, ffn = int(hf["vocab_size"]), int(hf["num_hidden_layers"]), int(hf["intermediate_size"])
-    except KeyError as e:
-        raise HFCheckpointError(f"config.json has no {e.args[0]!r}") from None
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
     rope_type = rope.get("rope_type", "default")
     scaling = hf.get("rope_scaling")
@@ -107,8 +102,6 @@ def hf_model_config(hf: dict[str, Any], max_seq_len: int | None = None) -> Model
         raise HFCheckpointError(f"RoPE scaling ({scaling or rope}) is not supported")
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFCheckpointError("partial rotary embeddings are not supported")
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise HFCheckpointError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads: not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"activation {hf['hidden_act']!r} is not supported (SwiGLU with SiLU only)")
     if hf.get("mlp_bias"):
@@ -117,16 +110,52 @@ def hf_model_config(hf: dict[str, Any], max_seq_len: int | None = None) -> Model
         raise HFCheckpointError("attention_bias (biases on q/k/v/o) is not supported for llama")
     if hf.get("use_sliding_window"):
         raise HFCheckpointError("sliding-window attention is not supported")
-    context = int(hf.get("max_position_embeddings", 2048))
-    return ModelConfig(
-        vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), ffn_dim=ffn,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_seq_len=min(context, max_seq_len) if max_seq_len else context,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-    )
+    n_heads = _int_field(hf, "num_attention_heads")
+    context = _int_field(hf, "max_position_embeddings", 2048)
+    try:  # every size is checked against sane bounds here, before anything is allocated
+        cfg = ModelConfig(
+            vocab_size=_int_field(hf, "vocab_size"), dim=_int_field(hf, "hidden_size"),
+            n_layers=_int_field(hf, "num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=_int_field(hf, "num_key_value_heads", n_heads),
+            ffn_dim=_int_field(hf, "intermediate_size"),
+            norm_eps=_float_field(hf, "rms_norm_eps", 1e-6),
+            rope_theta=_float_field(rope, "rope_theta", _float_field(hf, "rope_theta", 10000.0)),
+            max_seq_len=min(context, max_seq_len) if max_seq_len else context,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+        )
+    except ModelConfigError as e:
+        raise HFCheckpointError(f"config.json {_HF_FIELDS.get(e.field, e.field)}: {e.reason}") from None
+    except ValueError as e:  # hidden_size not divisible by num_attention_heads, ...
+        raise HFCheckpointError(f"config.json: {e}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise HFCheckpointError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads: not supported")
+    return cfg
+
+
+# ModelConfig field -> the Hugging Face config.json key it comes from (to name it in errors)
+_HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+              "ffn_dim": "intermediate_size", "max_seq_len": "max_position_embeddings",
+              "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta"}
+
+
+def _int_field(hf: dict[str, Any], key: str, default: Any = ...) -> int:
+    value = hf.get(key)
+    if value is None:
+        if default is ...:
+            raise HFCheckpointError(f"config.json has no {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise HFCheckpointError(f"config.json {key}: must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float_field(hf: dict[str, Any], key: str, default: float) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HFCheckpointError(f"config.json {key}: must be a number, got {value!r}")
+    return float(value)
 
 
 def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -38,6 +38,27 @@ from torch import Tensor, nn
 # Config
 
 
+class ModelConfigError(ValueError):
+    """A model config field that cannot describe a model r1flow builds; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+# Sane upper bounds of the size fields. Every loader (r1flow checkpoints, Hugging Face, GGUF) builds a
+# `ModelConfig` from untrusted metadata, and the rotary table and modules are sized from it, so a
+# field is checked here, before anything is allocated; then `param_shapes` is compared with the
+# tensors actually in the file. The bounds sit well above today's open models (vocab 256k, d 16k,
+# 126 layers, 128 heads, ffn 53k, 128k context: 256k context fits, a 1M-context model loads with
+# the loaders' `max_seq_len` cap).
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22, "dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+    "ffn_dim": 1 << 18, "max_seq_len": 1 << 18,
+}
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama-style decoder.
@@ -59,15 +80,25 @@ class ModelConfig:
     qkv_bias: bool = False
 
     def __post_init__(self) -> None:
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelConfigError(name, f"must be an integer, got {value!r}")
+            if not 1 <= value <= limit:
+                raise ModelConfigError(name, f"{value} is out of range (1..{limit})")
+        for name, low, high in (("norm_eps", 0.0, 1.0), ("rope_theta", 0.0, 1e12)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+                raise ModelConfigError(name, f"must be a number in ({low:g}, {high:g}), got {value!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        for name in ("vocab_size", "n_layers", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -81,12 +112,41 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
+            raise ModelConfigError(unknown[0], f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
         missing = sorted(f.name for f in dataclasses.fields(cls)
                          if f.name not in d and f.default is dataclasses.MISSING)
         if missing:
-            raise ValueError(f"ModelConfig is missing required keys {missing}")
+            raise ModelConfigError(missing[0], f"ModelConfig is missing required keys {missing}")
         return cls(**d)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state_dict key of `Transformer(self)` with its shape, by arithmetic (nothing built).
+
+        Loaders compare these with the tensors in a file before building a model.
+        """
+        hd, D = self.head_dim, self.dim
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (self.vocab_size, D), "norm.weight": (D,)}
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "attention.wq.weight": (self.n_heads * hd, D),
+                p + "attention.wk.weight": (self.n_kv_heads * hd, D),
+                p + "attention.wv.weight": (self.n_kv_heads * hd, D),
+                p + "attention.wo.weight": (D, self.n_heads * hd),
+                p + "feed_forward.w1.weight": (self.ffn_dim, D),
+                p + "feed_forward.w2.weight": (D, self.ffn_dim),
+                p + "feed_forward.w3.weight": (self.ffn_dim, D),
+                p + "attention_norm.weight": (D,),
+                p + "ffn_norm.weight": (D,),
+            })
+            if self.qkv_bias:
+                shapes.update({p + "attention.wq.bias": (self.n_heads * hd,),
+                               p + "attention.wk.bias": (self.n_kv_heads * hd,),
+                               p + "attention.wv.bias": (self.n_kv_heads * hd,)})
+        if not self.tie_embeddings:
+            shapes["output.weight"] = (self.vocab_size, D)
+        return shapes
+
 
     def num_params(self) -> int:
         """Parameter count of `Transformer(self)` without building it."""
@@ -97,6 +157,33 @@ class ModelConfig:
         per_layer = attn + ffn + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + emb + self.dim
+
+
+def shape_mismatches(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How the tensors of a file (name -> shape) differ from what `cfg` declares; [] if they fit.
+
+    Named by config field where one explains it (a layer count, the vocabulary, the width).
+    """
+    want = cfg.param_shapes()
+    problems = []
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    if len(layers) != cfg.n_layers:
+        problems.append(f"n_layers: config says {cfg.n_layers}, the file holds {len(layers)} layers")
+    emb = shapes.get("tok_embeddings.weight")
+    if emb is not None and len(emb) == 2 and emb != (cfg.vocab_size, cfg.dim):
+        problems.append(f"vocab_size/dim: config says ({cfg.vocab_size}, {cfg.dim}), "
+                        f"the file's embedding is {tuple(emb)}")
+    missing = sorted(set(want) - set(shapes))
+    extra = sorted(set(shapes) - set(want))
+    if missing:
+        problems.append(f"missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} for this config")
+    for name in sorted(set(want) & set(shapes)):
+        if tuple(shapes[name]) != want[name]:
+            problems.append(f"tensor {name!r} has shape {tuple(shapes[name])}, expected {want[name]}")
+            break
+    return problems
 
 
 # Placeholder vocab 512: the tokenizer's size replaces it. "tiny" is the embedded default teacher

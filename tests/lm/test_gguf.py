@@ -57,16 +57,22 @@ def tiny_vocab() -> list[str]:
 
 def write_gguf(path: Path, cfg: ModelConfig = TINY, *, arch: str = "llama", seed: int = 0,
                skip_fields: tuple[str, ...] = (),
-               qtype: "gguf.GGMLQuantizationType | None" = None) -> dict[str, torch.Tensor]:
-    """A GGUF file holding a random `Transformer(cfg)` and the tiny vocabulary; returns its weights."""
+               qtype: "gguf.GGMLQuantizationType | None" = None,
+               metadata: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """A GGUF file holding a random `Transformer(cfg)` and the tiny vocabulary; returns its weights.
+
+    `metadata` overrides size fields as written (block_count, context_length, head_count), to lie.
+    """
     torch.manual_seed(seed)
     sd = {k: v.detach().clone() for k, v in Transformer(cfg).state_dict().items()}
+    meta = {"block_count": cfg.n_layers, "context_length": cfg.max_seq_len, "head_count": cfg.n_heads,
+            **(metadata or {})}
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
+    w.add_block_count(meta["block_count"])
+    w.add_context_length(meta["context_length"])
     w.add_embedding_length(cfg.dim)
     w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
+    w.add_head_count(meta["head_count"])
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
@@ -324,3 +330,21 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2, reference) -> N
                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     assert len(ours) == 32
     assert ours == out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ({"context_length": 30_000_000}, r"llama.context_length: 30000000 is out of range"),
+    ({"head_count": 0}, r"llama.attention.head_count: 0 is out of range"),
+    ({"block_count": 10**6}, r"llama.block_count: 1000000 is out of range"),
+    ({"block_count": TINY.n_layers + 1}, rf"n_layers: config says {TINY.n_layers + 1}, the file holds {TINY.n_layers}"),
+])
+def test_hostile_size_fields_fail_fast_naming_the_field(tmp_path: Path, metadata: dict, message: str) -> None:
+    """Issue 20: GGUF metadata sizes are checked (bounds, then the tensors) before anything is built."""
+    import time
+
+    path = tmp_path / "lying.gguf"
+    write_gguf(path, metadata=metadata)
+    start = time.perf_counter()
+    with pytest.raises(GGUFError, match=message):
+        load_gguf_model(path)
+    assert time.perf_counter() - start < 5.0

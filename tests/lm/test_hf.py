@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from lm.bpe_convert import QWEN2_SPLIT, bytes_to_unicode
-from lm.hf import HFCheckpointError, hf_split_pattern, load_hf, load_hf_model, load_hf_tokenizer
+from lm.hf import (HFCheckpointError, hf_model_config, hf_split_pattern, load_hf, load_hf_model,
+                   load_hf_tokenizer)
+from lm.gguf import LoadError
 from lm.loading import load_model
 from lm.model import ModelConfig, Transformer
 from tests.lm.varied_texts import varied_texts
@@ -264,3 +266,22 @@ def test_load_hf_refuses_a_tokenizer_larger_than_the_model(tmp_path: Path) -> No
     write_tokenizer(tmp_path, kind="llama")
     with pytest.raises(HFCheckpointError, match="embedding rows"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_hidden_layers": 10**6}, r"config.json num_hidden_layers: 1000000 is out of range"),
+    ({"num_attention_heads": 0}, r"config.json num_attention_heads: 0 is out of range"),
+    ({"max_position_embeddings": 10**9}, r"config.json max_position_embeddings: 1000000000 is out of range"),
+    ({"hidden_size": "wide"}, r"config.json hidden_size: must be an integer"),
+    ({"num_hidden_layers": 2}, r"n_layers: config says 2, the file holds 1 layers"),  # in bounds, a lie
+])
+def test_hostile_size_fields_fail_fast_naming_the_field(tmp_path: Path, overrides: dict, message: str) -> None:
+    import time
+
+    cfg = hf_model_config(_small_config())
+    write_meta_model_as_hf(tmp_path, cfg, "llama")
+    (tmp_path / "config.json").write_text(json.dumps(_small_config(**overrides)))
+    start = time.perf_counter()
+    with pytest.raises(LoadError, match=message):  # HFCheckpointError for the config, LoadError for tensors
+        load_hf_model(tmp_path)
+    assert time.perf_counter() - start < 5.0

@@ -171,3 +171,28 @@ def test_training_state_resume_is_exact(make_model, tmp_path):
     assert _train_steps(model2, opt2, 2, gen2) == expected
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "s").iterdir())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_seq_len", 10**9, r"model\.max_seq_len: 1000000000 is out of range"),
+    ("n_heads", 0, r"model\.n_heads: 0 is out of range"),
+    ("n_layers", 10**6, r"model\.n_layers: 1000000 is out of range"),
+    ("vocab_size", -1, r"model\.vocab_size: -1 is out of range"),
+    ("dim", "32", r"model\.dim: must be an integer, got '32'"),
+    ("n_kv_heads", True, r"model\.n_kv_heads: must be an integer"),
+    ("norm_eps", float("nan"), r"model\.norm_eps: must be a number"),
+    ("n_layers", 3, r"n_layers: config says 3, the file holds 2 layers"),  # in bounds, but a lie
+    ("vocab_size", 4096, r"vocab_size/dim: config says \(4096, 32\)"),
+])
+def test_hostile_size_fields_fail_fast_naming_the_field(saved, field, value, message):
+    """Issue 20: sizes are checked (bounds, then the file's tensors) before anything is built."""
+    import time
+
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    config["model"][field] = value
+    path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(saved)
+    assert time.perf_counter() - start < 5.0  # was: GBs over tens of seconds, or ZeroDivisionError

@@ -37,3 +37,25 @@ def test_generate_bad_model_source(tmp_path, capsys, source, message):
     code, _ = cli("generate", "--model", source.format(bad=bad), "--prompt", "x", "--root", str(tmp_path))
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_checkpoint_with_a_hostile_size_field(micro_copy, capsys):
+    """Issue 20: an edited config.json is named (field, exit 2) at once, never allocated from."""
+    import time
+    from pathlib import Path
+
+    import shutil
+
+    from artifacts import RunStore
+
+    root, run_id = micro_copy
+    ckpt = Path(RunStore(root).load(run_id).stages["sft"].path) / "checkpoint"
+    copy = root / "edited"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["max_seq_len"] = 10**9
+    (copy / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    code, _ = cli("generate", "--model", str(copy), "--prompt", "hi", "--root", str(root))
+    assert code == 2 and time.perf_counter() - start < 5.0
+    assert "max_seq_len: 1000000000 is out of range" in capsys.readouterr().err
