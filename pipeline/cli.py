@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.add_argument("--run-id", default=None, help="name the run (default: a timestamp id)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: run id and per-stage map")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors (always in the run's log)")
 
     p = sub.add_parser("stage", help="rerun one stage of an existing run, reusing its upstream")
     p.add_argument("name", choices=STAGES)
     p.add_argument("--run", dest="run_id", required=True, help="the run whose stage to rerun")
     p.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors (always in the run's log)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
     p.add_argument("--json", action="store_true")
     _add_root(p)

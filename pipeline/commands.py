@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from artifacts import RunStore
 from pipeline.config import STAGES, load_config
@@ -24,6 +26,24 @@ def _print_table(root: Path, run_id: str) -> None:
         print(f"  {name:<19} {e.status:<8} {secs}  {e.path or ''}")
 
 
+@contextmanager
+def _prefect_session(root: Path, run_id: str, verbose: bool) -> Iterator[None]:
+    """Prefect's temporary server bound to this process; user errors as one line plus the log path."""
+    from pipeline.prefect_setup import start_ephemeral_server, user_facing_logs
+
+    start_ephemeral_server()
+    log_path = root / "runs" / run_id / "r1flow.log"
+    with user_facing_logs(log_path, verbose=verbose):
+        try:
+            yield
+        except Exception as e:
+            from pipeline.cli import _is_user_error
+
+            if _is_user_error(e) and not verbose:
+                print(f"(full log with tracebacks: {log_path}; or rerun with --verbose)", file=sys.stderr)
+            raise
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.flows import r1_pipeline
 
@@ -32,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     record = RunStore(root).create(cfg.to_dict(), STAGES, preset=args.preset, run_id=args.run_id)
     print(f"r1flow run {record.run_id} (preset {args.preset}, root {root})", flush=True)
     try:
-        r1_pipeline(run_id=record.run_id, root=str(root))
+        with _prefect_session(root, record.run_id, getattr(args, "verbose", False)):
+            r1_pipeline(run_id=record.run_id, root=str(root))
     finally:
         _print_table(root, record.run_id)
         if args.json:
@@ -49,7 +70,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     with runs.lock(args.run_id):  # ... and for a run another process is still building
         if args.overrides:
             update_run_config(root, args.run_id, args.overrides)
-        result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
+        with _prefect_session(root, args.run_id, getattr(args, "verbose", False)):
+            result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
     print(f"{args.name}: {result['status']} -> {result['path']}", file=sys.stderr if args.json else sys.stdout)
     _print_table(root, args.run_id) if not args.json else None
     if args.json:

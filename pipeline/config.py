@@ -12,12 +12,14 @@ import importlib
 import json
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES: tuple[str, ...] = (
     "problems", "base", "rl_zero", "cold_start", "sft", "rl_reasoning",
@@ -35,7 +37,7 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # Data parallelism inside a stage (pipeline/launch.py): more than one process launches the
@@ -54,6 +56,16 @@ class RunSettings(BaseModel):
         if self.rdzv_endpoint is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d+", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
         return self
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return v
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 
 
 @dataclass
@@ -166,6 +178,23 @@ def _format_validation(section: str, err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_bool(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is Literal and any(isinstance(a, bool) for a in typing.get_args(annotation))
+
+
+def _no_bool_numbers(section: str, cls: type[BaseModel], values: dict[str, Any]) -> None:
+    """`--set run.seed=true` is a mistake, not seed 1: a boolean for a number field is an error
+    (pydantic's lax mode would take it as 0/1)."""
+    for key, value in values.items():
+        field = cls.model_fields.get(key)
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ConfigError(f"invalid config:\n  {section}.{key}: expected a number, got {str(value).lower()}")
+
+
 def validate(raw: dict[str, Any], stages: tuple[str, ...] | None = None, preset: str | None = None) -> RunConfig:
     """Validate a raw config into typed per-stage configs.
 
@@ -177,6 +206,9 @@ def validate(raw: dict[str, Any], stages: tuple[str, ...] | None = None, preset:
     unknown = [k for k in raw if k != "run" and k not in STAGES]
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; the sections are: run, {', '.join(STAGES)}")
+    if not isinstance(raw.get("run", {}), dict):
+        raise ConfigError(f"run: expected a table of settings, got {type(raw['run']).__name__}")
+    _no_bool_numbers("run", RunSettings, raw.get("run", {}))
     try:
         run = RunSettings(**raw.get("run", {}))
     except ValidationError as e:
@@ -190,6 +222,7 @@ def validate(raw: dict[str, Any], stages: tuple[str, ...] | None = None, preset:
         if not isinstance(section, dict):
             raise ConfigError(f"{name}: expected a table of settings, got {type(section).__name__}")
         cls = stage_module(name).Config
+        _no_bool_numbers(name, cls, section)
         try:
             configs[name] = cls(**section)
         except ValidationError as e:

@@ -81,3 +81,17 @@ def test_overrides_apply_and_validate():
     assert cfg.run.seed == 5 and cfg.stage("sft").lr == 0.002
     with pytest.raises(ConfigError, match="sft.nope: unknown key"):
         load_config("micro", overrides=["sft.nope=1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("run.device=quantum", "run.device: Value error, expected auto, cpu, cuda or cuda:N (got 'quantum')"),
+    ("run.seed=true", "run.seed: expected a number, got true"),
+    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
+    ("base.steps=false", "base.steps: expected a number, got false"),
+])
+def test_strict_types_for_run_and_stage_fields(override, message):
+    """Issue 20: `--set run.device=quantum` ran problems, then a torch traceback; `run.seed=true` was seed 1."""
+    with pytest.raises(ConfigError) as e:
+        load_config("micro", overrides=[override])
+    assert message in str(e.value)
+    assert load_config("micro", overrides=["run.device=cuda:1"]).run.device == "cuda:1"
