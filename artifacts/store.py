@@ -156,9 +156,10 @@ class HashCache:
         if (not full and isinstance(e, dict) and e.get("sig") == sig
                 and max(st.st_mtime_ns, st.st_ctime_ns) + _RACY_NS < int(e.get("recorded_ns", 0))):
             return str(e["sha256"])
-        recorded = time.time_ns()
         digest = file_sha256(self.directory / rel)
-        self.entries[rel] = {"sig": sig, "sha256": digest, "recorded_ns": recorded}
+        # The signature is from before the read and the time from after it (git's "racy" rule): a
+        # write during the read changes the signature or lands within _RACY_NS of this time.
+        self.entries[rel] = {"sig": sig, "sha256": digest, "recorded_ns": time.time_ns()}
         self.dirty = True
         return digest
 
@@ -305,15 +306,17 @@ def _corrupt(directory: Path, what: str) -> ArtifactError:
     return ArtifactError(f"{directory}: artifact is corrupt ({what}); rerun its stage with --force")
 
 
-def enclosing_artifact(path: Path | str, stop: Path | str | None = None) -> Path | None:
-    """The artifact directory holding `path` (itself or a parent with a manifest), or None."""
+def enclosing_artifact(path: Path | str) -> Path | None:
+    """The artifact directory holding `path` (itself or the nearest parent whose `manifest.json` is
+    an r1flow manifest), or None: a file outside the store (a user's model or dataset)."""
     path = Path(path).resolve()
-    stop = Path(stop).resolve() if stop is not None else None
     for d in (path, *path.parents):
-        if d.is_dir() and (d / MANIFEST).is_file():
+        if (d / MANIFEST).is_file():
+            try:
+                read_manifest(d)
+            except ArtifactError:
+                continue  # someone else's manifest.json
             return d
-        if stop is not None and d == stop:
-            break
     return None
 
 
