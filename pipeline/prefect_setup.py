@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 _PR_SET_PDEATHSIG = 1
+STARTUP_TIMEOUT_S = 120
 
 
 def _parent_death_hook() -> Callable[[], None] | None:
@@ -55,7 +56,8 @@ def start_ephemeral_server() -> bool:
     ephemeral mode is off, it already runs, this is not the main thread, or the platform has no
     parent-death signal (Prefect then starts it itself on first use, as before).
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
 
     hook = _parent_death_hook()
     if (hook is None or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
@@ -72,8 +74,8 @@ def start_ephemeral_server() -> bool:
     shim.Popen = lambda *args, **kwargs: real.Popen(  # type: ignore[attr-defined]
         *args, preexec_fn=hook, **{**kwargs, "env": _server_env(kwargs.get("env"))})
     prefect_server.subprocess = shim  # only for this call, in this thread, before any flow runs
-    try:
-        instance.start()
+    try:  # at least 2 minutes: on a busy machine the server's start-up took longer than Prefect's 20 s
+        instance.start(timeout=max(int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), STARTUP_TIMEOUT_S))
     finally:
         prefect_server.subprocess = real
     return True
