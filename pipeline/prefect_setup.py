@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 _PR_SET_PDEATHSIG = 1
-STARTUP_TIMEOUT_S = 120
 
 
 def _parent_death_hook() -> Callable[[], None] | None:
@@ -56,8 +55,7 @@ def start_ephemeral_server() -> bool:
     ephemeral mode is off, it already runs, this is not the main thread, or the platform has no
     parent-death signal (Prefect then starts it itself on first use, as before).
     """
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
-                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     hook = _parent_death_hook()
     if (hook is None or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
@@ -71,22 +69,13 @@ def start_ephemeral_server() -> bool:
     real = prefect_server.subprocess
     shim = types.ModuleType("subprocess")
     shim.__dict__.update(real.__dict__)
-    shim.Popen = lambda *args, **kwargs: real.Popen(  # type: ignore[attr-defined]
-        *args, preexec_fn=hook, **{**kwargs, "env": _server_env(kwargs.get("env"))})
+    shim.Popen = lambda *args, **kwargs: real.Popen(*args, preexec_fn=hook, **kwargs)  # type: ignore[attr-defined]
     prefect_server.subprocess = shim  # only for this call, in this thread, before any flow runs
-    try:  # at least 2 minutes: on a busy machine the server's start-up took longer than Prefect's 20 s
-        instance.start(timeout=max(int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), STARTUP_TIMEOUT_S))
+    try:  # its start-up timeout and telemetry: Prefect's settings (pipeline.cli.PREFECT_DEFAULTS)
+        instance.start()
     finally:
         prefect_server.subprocess = real
     return True
-
-
-def _server_env(env: dict[str, str] | None) -> dict[str, str]:
-    """The server's environment, without telemetry unless the user asked for it (its heartbeat
-    printed SQLite 'database is locked' tracebacks into the user's terminal on a busy machine)."""
-    env = dict(env if env is not None else os.environ)
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return env
 
 
 def _is_user_error(exc: BaseException | None) -> bool:

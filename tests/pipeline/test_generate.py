@@ -59,3 +59,37 @@ def test_generate_refuses_a_checkpoint_with_a_hostile_size_field(micro_copy, cap
     code, _ = cli("generate", "--model", str(copy), "--prompt", "hi", "--root", str(root))
     assert code == 2 and time.perf_counter() - start < 5.0
     assert "max_seq_len: 1000000000 is out of range" in capsys.readouterr().err
+
+
+def _poison(checkpoint):
+    """NaN in every float weight, the file's size unchanged (what the adversarial pass did)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    size = path.stat().st_size
+    tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in load_file(path).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert path.stat().st_size == size
+
+
+def test_generate_refuses_corrupt_or_nan_weights(micro_copy, capsys):
+    """Issue 20: NaN-poisoned sft weights printed output with rc 0 (and `--json` printed NaN)."""
+    import shutil
+    from pathlib import Path
+
+    from artifacts import RunStore
+
+    root, run_id = micro_copy
+    ckpt = Path(RunStore(root).load(run_id).stages["sft"].path) / "checkpoint"
+    outside = root / "outside-copy"
+    shutil.copytree(ckpt, outside)
+    _poison(ckpt)
+    code, out = cli("generate", "--model", f"{run_id}/sft", "--prompt", "hi", "--json", "--root", str(root))
+    assert code == 2 and out == ""
+    assert "artifact is corrupt" in capsys.readouterr().err  # the store's hash check, before loading
+    _poison(outside)  # outside the store: nothing to verify against, so the output is checked
+    code, out = cli("generate", "--model", str(outside), "--prompt", "hi", "--json", "--root", str(root))
+    assert code == 2 and out == ""
+    assert "non-finite log-probabilities" in capsys.readouterr().err

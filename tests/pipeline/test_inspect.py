@@ -99,3 +99,30 @@ def test_runs_json_lists_runs(tmp_path, capsys):
     assert main(["runs", "--json", "--root", str(tmp_path)]) == 0
     runs = json.loads(capsys.readouterr().out)
     assert runs[0]["run_id"] == "r1" and runs[0]["stages"]["problems"]["status"] == "pending"
+
+
+def test_inspect_verifies_artifacts_and_says_when_it_cannot(micro_copy, tmp_path, capsys):
+    """Issue 20: a bit-flipped (still readable) Parquet showed with rc 0 although reads 'check the hash'."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from artifacts import RunStore
+    from tests.pipeline.cli_helpers import cli
+
+    root, run_id = micro_copy
+    data = Path(RunStore(root).load(run_id).stages["problems"].path) / "problems.parquet"
+    code, out = cli("inspect", f"{run_id}/problems", "--json", "--root", str(root))
+    assert code == 0 and json.loads(out)["verified"] is True
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, size unchanged
+    data.write_bytes(bytes(raw))
+    for target in (f"{run_id}/problems", str(data)):
+        code, _ = cli("inspect", target, "--root", str(root))
+        assert code == 2 and "artifact is corrupt" in capsys.readouterr().err
+    plain = tmp_path / "mine.parquet"
+    pq.write_table(pa.table({"x": [1]}), plain)
+    code, out = cli("inspect", str(plain), "--root", str(root))
+    assert code == 0 and "content: not verified" in out
