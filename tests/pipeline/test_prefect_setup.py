@@ -70,7 +70,7 @@ def test_user_error_tracebacks_go_to_the_log_not_the_console(tmp_path):
                 try:
                     raise exc
                 except Exception:
-                    logging.getLogger("prefect.task_runs").error("Task run failed", exc_info=True)
+                    logging.getLogger("r1flow.test").error("Task run failed", exc_info=True)
     finally:
         root.removeHandler(console)
     shown = stream.getvalue()
