@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from artifacts import RunStore
-from pipeline.config import STAGES, load_config
-from pipeline.runner import update_run_config
+from pipeline.config import STAGES, apply_overrides, load_config, validate
+from pipeline.runner import run_owner_lock, update_run_config
 from pipeline.runs_view import run_summary
 
 
@@ -66,8 +66,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     root = Path(args.root)
     runs = RunStore(root)
-    runs.load(args.run_id)  # a clear error for an unknown run before Prefect starts
-    with runs.lock(args.run_id):  # ... and for a run another process is still building
+    record = runs.load(args.run_id)  # a clear error for an unknown run before Prefect starts
+    effective = validate(apply_overrides(record.config, args.overrides), preset=record.preset)
+    with run_owner_lock(root, args.run_id, effective.run):  # ... and for a run another process is building
         if args.overrides:
             update_run_config(root, args.run_id, args.overrides)
         with _prefect_session(root, args.run_id, getattr(args, "verbose", False)):

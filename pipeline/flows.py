@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from artifacts import ArtifactError, RunStore, read_manifest
 from lm.train import resolve_device
 from pipeline.config import STAGES, ConfigError, RunConfig, validate
-from pipeline.runner import execute_stage, finish_run, update_run_config
+from pipeline.runner import execute_stage, finish_run, run_owner_lock, update_run_config
 
 DEVICE_FREE_STAGES = {"problems"}
 DEVICE_LEASE_S = 60.0  # the server's minimum
@@ -165,7 +165,7 @@ def stage_task(name: str, run_id: str, root: str, force: bool = False) -> dict[s
 def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None) -> list[dict]:
     """Every stage of the R1 recipe in order (or the listed ones), each reused when cached."""
     results = []
-    with RunStore(root).lock(run_id):  # no `r1flow stage` swaps a stage out from under this run
+    with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):  # no `stage` swaps one out from under it
         try:
             for name in stages or list(STAGES):
                 results.append(stage_task(name, run_id, root, force=name in (force or [])))
@@ -179,7 +179,7 @@ def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: 
 @flow(name="r1flow_stage", flow_run_name="{name}-{run_id}", log_prints=True)
 def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
     """Rerun one stage of an existing run, reusing its upstream artifacts."""
-    with RunStore(root).lock(run_id):
+    with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):
         return stage_task(name, run_id, root, force=force)
 
 
@@ -191,6 +191,6 @@ def distill_flow(teacher_run: str, students: list[str], root: str, overrides: li
     `r1flow inspect TEACHER/distill` and `r1flow runs` show them; `evaluate` becomes stale.
     """
     student_specs = [{"name": s, "model": s} for s in students]
-    with RunStore(root).lock(teacher_run):
+    with RunStore(root).lock(teacher_run):  # distill jobs run on node 0 only
         update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
         return stage_task("distill", teacher_run, root)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 from artifacts import Artifact, ArtifactError, ArtifactStore, RunRecord, RunStore, StageEntry, cache_key, code_version, verify
 from artifacts.runs import now_iso, process_owner
@@ -79,6 +80,14 @@ def upstream_inputs(name: str, record: RunRecord) -> tuple[dict[str, Path], dict
 
 
 SINGLE_PROCESS_STAGES = {"problems"}  # no model: never worth several processes
+
+
+def run_owner_lock(root: Path, run_id: str, run: Any) -> ContextManager[None]:
+    """The run's lock (`RunStore.lock`) for the process that owns the run; nothing on hosts other
+    than node 0 of a multi-host stage, which only compute (node 0 records and publishes)."""
+    if run.node_rank != 0 and launch.world_size(run) > 1:
+        return nullcontext()
+    return RunStore(root).lock(run_id)
 
 
 def _producer(name: str, cfg: RunConfig, inputs: dict[str, Path], ctx: StageContext,
