@@ -14,6 +14,7 @@ import pytest
 from pipeline import launch
 from pipeline.config import RunSettings
 from stages.context import StageContext
+from tests.stages.test_distill import inputs  # noqa: F401  (fixture)
 from tests.stages.test_sft import base_dir, write_cold_start  # noqa: F401  (fixture)
 
 TWO = RunSettings(nproc_per_node=2)
@@ -67,6 +68,17 @@ def test_sft_on_two_processes_matches_one(tmp_path, base_dir):
     assert losses(one, "tokens") == losses(two, "tokens")  # the same global batches
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert not list((tmp_path / "sft-2proc-work").glob("launch-*/rank-1-out"))  # rank 1's files are gone
+
+
+def test_distill_with_token_level_kd_on_two_processes_matches_one(tmp_path, inputs):
+    """The student's loss calls the teacher and `student.logits` outside the DDP forward."""
+    section = {"students": [{"name": "micro"}], "steps": 4, "pretrain_steps": 0, "batch_size": 5, "seq_len": 128,
+               "autocast": False, "val_fraction": 0.25, "val_max": 4, "baseline": False, "kd_weight": 0.5,
+               "checkpoint_every": 2, "log_every": 2}
+    one, s1 = in_process("distill", section, inputs, tmp_path)
+    two, s2 = two_procs("distill", section, inputs, tmp_path)
+    assert len(losses(one)) == 4 and close(losses(one), losses(two), 1e-4), (losses(one), losses(two))
+    assert close(losses(one, "val_loss"), losses(two, "val_loss"), 1e-4)
 
 
 def sampling_inputs(root: Path) -> dict[str, Path]:
