@@ -111,14 +111,19 @@ def r1_system_prompt() -> str:
     return TEMPLATES["r1_zero"].split(" User:")[0]
 
 
-def render_r1_chat(template: str, question: str, **kwargs: str | bool | None) -> str:
+def render_r1_chat(template: str, question: str | Sequence[Message], **kwargs: str | bool | None) -> str:
     """The R1 prompt for a chat model: R1-Zero's instruction as the system turn, the question as
     the user turn, then the opening of the assistant's turn (where `<think>` should follow).
 
     Departs from R1-Zero's plain-text template ("... User: q. Assistant:") only in wrapping the
     same instruction and question in the model's own turn markers, which instruct-tuned models
-    such as SmolLM2-Instruct need to answer at all.
+    such as SmolLM2-Instruct need to answer at all. A conversation (chat messages) is rendered as
+    it is, with R1-Zero's instruction as its system turn when it has none.
     """
-    messages = [{"role": "system", "content": r1_system_prompt()},
-                {"role": "user", "content": question.strip()}]
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": question.strip()}]
+    else:
+        messages = [dict(m) for m in question]
+    if not messages or messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": r1_system_prompt()}, *messages]
     return render_chat(template, messages, add_generation_prompt=True, **kwargs)

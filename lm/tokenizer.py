@@ -31,7 +31,7 @@ import base64
 import heapq
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -146,19 +146,30 @@ class Tokenizer:
 
     # ---- prompts -------------------------------------------------------------------------------
 
-    def render_prompt(self, question: str, template: str = "r1_zero") -> str:
+    def render_prompt(self, question: "str | Sequence[Mapping[str, str]]", template: str = "r1_zero") -> str:
         """The prompt for `question` under a named template; the completion follows it.
 
         `"chat"` wraps R1-Zero's instruction and the question in the model's own chat template (for
         instruct-tuned models such as SmolLM2-Instruct); the others end with "Assistant:".
+
+        `question` may be chat messages (a verl or TRL conversational prompt). Under `"chat"` they
+        are rendered as they are (R1-Zero's instruction added as the system turn when they have
+        none); under a plain template the last user turn is the question and the earlier turns
+        come first, one `Role: content` line each (`System: ...`, `User: ...`, `Assistant: ...`).
         """
+        messages = None if isinstance(question, str) else [dict(m) for m in question]
         if template == "chat":
             if not self.chat_template:
                 raise KeyError("template 'chat' needs a tokenizer with its own chat template; this one has none")
-            return render_r1_chat(self.chat_template, question)
+            return render_r1_chat(self.chat_template, question if messages is None else messages)
         if template not in TEMPLATES:
             raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-        return TEMPLATES[template].replace("{question}", question.strip())
+        if messages is None:
+            return TEMPLATES[template].replace("{question}", question.strip())
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("a chat-message prompt must end with a user turn")
+        history = "".join(f"{m['role'].capitalize()}: {m['content'].strip()}\n" for m in messages[:-1])
+        return history + TEMPLATES[template].replace("{question}", messages[-1]["content"].strip())
 
     # ---- persistence ---------------------------------------------------------------------------
 

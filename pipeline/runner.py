@@ -49,13 +49,22 @@ _USER_FACING = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[str, dict]:
-    """The artifact cache key of a stage in a run, and the config payload it hashes."""
+    """The artifact cache key of a stage in a run, and the config payload it hashes.
+
+    A stage that reads files outside the artifact store (the user's problem files, user reward
+    code) names them in `external_inputs(cfg) -> {name: sha256}`; those hashes join the payload,
+    so editing such a file reruns the stage.
+    """
     payload = {
         "stage": cfg.stage(name).model_dump(mode="json"),
         # Seed and dtype change the bytes a stage produces; the device does not (by intent).
         "seed": cfg.run.seed,
         "dtype": resolve_dtype_name(cfg.run.dtype, resolve_device(cfg.run.device)),
     }
+    external = getattr(stage_module(name), "external_inputs", None)
+    files = external(cfg.stage(name)) if external is not None else {}
+    if files:
+        payload["external"] = files
     return cache_key(name, payload, input_hashes, code_version()), payload
 
 

@@ -149,11 +149,29 @@ def accuracy_reward(completions: list[str], answer: Any = None, **columns: Any) 
     return [s for s, _ in accuracy_details(completions, answer=answer, **columns)]
 
 
+def reference_column(columns: dict[str, Any]) -> Any:
+    """The references when the dataset names them otherwise than ``answer``: open-r1's
+    ``solution`` (a worked solution: its last box is the answer), ``ground_truth``, or verl's
+    ``reward_model`` struct (``{"ground_truth": ...}`` per row)."""
+    for name in ("solution", "ground_truth"):
+        if columns.get(name) is not None:
+            return columns[name]
+    rm = columns.get("reward_model")
+    if isinstance(rm, dict):
+        return rm.get("ground_truth")
+    if isinstance(rm, (list, tuple)):
+        return [r.get("ground_truth") if isinstance(r, dict) else None for r in rm]
+    return None
+
+
 def accuracy_details(completions: list[str], answer: Any = None, pool: WorkerPool | None = None,
                      **columns: Any) -> list[tuple[Score, str]]:
     """(score, reason) for every completion; the batch form of :func:`accuracy_item`."""
     if answer is None:
-        raise ValueError("accuracy reward needs the 'answer' column (one reference per completion)")
+        answer = reference_column(columns)
+    if answer is None:
+        raise ValueError("accuracy reward needs the 'answer' column (one reference per completion); "
+                         "'solution', 'ground_truth' or verl's 'reward_model' also work")
     refs = column({"answer": answer}, "answer", len(completions), None)
     items = [_prepare_completion(c, r) for c, r in zip(completions, refs)]
     return _judge_all(items, pool)
@@ -166,4 +184,4 @@ def _prepare_completion(completion: Any, reference: Any) -> _Decided | _Task:
     return _prepare(answer_region(text), reference)
 
 
-register("accuracy", accuracy_item)(accuracy_reward)
+accuracy_reward = register("accuracy", accuracy_item)(accuracy_reward)

@@ -114,5 +114,5 @@ def format_soft_reward(completions: list[str], **columns: Any) -> list[Score]:
     return _batch(format_soft_item, completions, columns)
 
 
-register("format", format_item)(format_reward)
-register("format_soft", format_soft_item)(format_soft_reward)
+format_reward = register("format", format_item)(format_reward)
+format_soft_reward = register("format_soft", format_soft_item)(format_soft_reward)

@@ -157,4 +157,4 @@ def language_consistency_reward(completions: list[str], **columns: Any) -> list[
             for c, lang in zip(completions, langs)]
 
 
-register("language_consistency", language_consistency_item)(language_consistency_reward)
+language_consistency_reward = register("language_consistency", language_consistency_item)(language_consistency_reward)

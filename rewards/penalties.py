@@ -6,8 +6,9 @@
            = ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
            = -1                         if |y| > L_max
 
-  |y| is the completion's length in tokens when the sampler passes a ``completion_lengths``
-  column (what DAPO uses); without it, in characters, and ``max_length`` / ``cache_length`` must
+  |y| is the completion's length in tokens when the caller passes ``completion_ids`` (TRL, the GRPO
+  stages) or ``completion_lengths`` (what DAPO
+  uses); without them, in characters, and ``max_length`` / ``cache_length`` must
   then be given in characters too.
 - ``repetition_penalty``: open-r1's n-gram repetition penalty (``get_repetition_penalty_reward``):
   ``max_penalty * (1 - distinct n-grams / n-grams)`` over whitespace words (Han and kana
@@ -79,5 +80,5 @@ def repetition_penalty(completions: list[str], ngram_size: int = 3, max_penalty:
     return [repetition_item(c, ngram_size, max_penalty)[0] for c in completions]
 
 
-register("overlong_penalty", overlong_item)(overlong_penalty)
-register("repetition_penalty", repetition_item)(repetition_penalty)
+overlong_penalty = register("overlong_penalty", overlong_item)(overlong_penalty)
+repetition_penalty = register("repetition_penalty", repetition_item)(repetition_penalty)

@@ -192,7 +192,7 @@ def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx:
                   sampler_factory: SamplerFactory) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     model, tok = load_policy(ref.path, ctx.device, ctx.dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    ids = encode_prompts(tok, [p.prompt for p in problems], cfg.template)
+    ids = encode_prompts(tok, [p.question for p in problems], cfg.template)
     check_prompt_lengths(ids, cfg.max_new_tokens, model.config.max_seq_len, [p.id for p in problems])
     sampler = sampler_factory(model, tok, cfg.batch_size)
     runs = [(False, cfg.k, cfg.temperature, cfg.top_p)] + ([(True, 1, 0.0, 1.0)] if cfg.greedy else [])

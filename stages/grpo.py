@@ -94,7 +94,10 @@ class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     template: str = "r1_zero_short"  # chat template the prompt is rendered with
+    # reward name or user reference ("file.py:fn", "pkg.mod:fn", "verl:...") -> weight
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    # per-reward keyword options, e.g. {overlong_penalty = {max_length = 96, cache_length = 24}}
+    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # rollouts
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(8, ge=1)  # P
@@ -138,6 +141,7 @@ class GRPOConfig(BaseModel):
     def _check(self) -> "GRPOConfig":
         if not self.rewards:
             raise ValueError("rewards must name at least one reward with a weight")
+        check_rewards(self.rewards, self.reward_options)
         rows = self.prompts_per_step * self.group_size
         if self.minibatches * self.grad_accum > rows:
             raise ValueError(f"minibatches × grad_accum = {self.minibatches * self.grad_accum} exceeds the "
@@ -216,15 +220,108 @@ Scorer = Callable[[Sequence[Problem], Sequence[str], list[str]], Scores]
 """(problem of each completion, rendered prompt of each completion, completions) -> Scores."""
 
 
-def reward_scorer(weights: dict[str, float]) -> Scorer:
-    """The stages' scorer: `rewards.combine` with the problem's answer and language columns."""
-    import rewards
+def check_rewards(weights: dict[str, float], options: dict[str, dict[str, Any]]) -> None:
+    """Every reward name is registered or a loadable user reference (file and function exist),
+    options name only weighted rewards, labels do not clash: checked when the config loads, so a
+    bad name stops the run before any stage (ValueError naming the reward, file and function)."""
+    from rewards.registry import reward_labels
+    from rewards.user import check_reward_name
 
-    def score(problems: Sequence[Problem], prompts: Sequence[str], texts: list[str]) -> Scores:
-        return rewards.combine(weights, texts, answer=[p.answer for p in problems],
-                               language=[p.language for p in problems], prompts=list(prompts))
+    for name in weights:
+        check_reward_name(name)
+    extra = sorted(set(options) - set(weights))
+    if extra:
+        raise ValueError(f"reward_options names rewards without a weight: {extra}")
+    reward_labels(list(weights))
 
-    return score
+
+def reward_sources(cfg: GRPOConfig) -> dict[str, str]:
+    """sha256 of each user reward's source file: part of the stage's cache key, so editing the
+    file reruns the stage (and, through its new artifact, everything downstream)."""
+    from rewards.user import reward_sources as sources
+
+    return sources(list(cfg.rewards))
+
+
+def reward_options(cfg: GRPOConfig) -> dict[str, dict[str, Any]]:
+    """The configured per-reward options; the overlong penalty's limit defaults to this stage's
+    `max_new_tokens` (soft zone the last quarter, DAPO's 4096 of 20480 is a fifth), counted in
+    tokens: the completions' token ids reach the rewards."""
+    options = {k: dict(v) for k, v in cfg.reward_options.items()}
+    if "overlong_penalty" in cfg.rewards:
+        o = options.setdefault("overlong_penalty", {})
+        o.setdefault("max_length", cfg.max_new_tokens)
+        o.setdefault("cache_length", max(1, o["max_length"] // 4))
+    return options
+
+
+@dataclass
+class TrainerState:
+    """What `trainer_state=` gives a reward (the fields of TRL's `TrainerState` rewards read)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+@dataclass
+class RewardScorer:
+    """The stages' scorer: `rewards.combine` called the way TRL's GRPOTrainer calls reward
+    functions: `prompts`, `completions` (conversational message lists when the problems have
+    messages, else strings), `completion_ids`, every problem column (`id`, `answer`, `language`,
+    `source`, `difficulty`, `data_source`, `extra_info`, ...), `trainer_state`, `log_extra`,
+    `log_metric`. Metrics a reward logs with `log_metric` come back, averaged, from
+    `pop_metrics` (the loop records them as `reward_log/<name>`); `log_extra` columns are
+    accepted and kept for the step in `extra_columns`."""
+
+    weights: dict[str, float]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    state: TrainerState = field(default_factory=TrainerState)
+    logged: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    extra_columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __call__(self, problems: Sequence[Problem], prompts: Sequence[str], texts: list[str], *,
+                 completion_ids: Sequence[Sequence[int]] | None = None) -> Scores:
+        import rewards
+
+        conversational = bool(problems) and all(p.messages for p in problems)
+        columns: dict[str, list[Any]] = {"id": [p.id for p in problems], "answer": [p.answer for p in problems],
+                                         "language": [p.language for p in problems]}
+        for name in sorted({k for p in problems for k in p.columns}):
+            columns[name] = [p.columns.get(name) for p in problems]
+        kwargs: dict[str, Any] = {
+            "prompts": [list(p.messages) for p in problems] if conversational else list(prompts),
+            "trainer_state": self.state, "log_extra": self._log_extra, "log_metric": self._log_metric,
+        }
+        if completion_ids is not None:
+            kwargs["completion_ids"] = [list(x) for x in completion_ids]
+        completions: list[Any] = ([[{"role": "assistant", "content": t}] for t in texts] if conversational
+                                  else list(texts))
+        return rewards.combine(self.weights, completions, self.options, **columns, **kwargs)
+
+    def _log_metric(self, name: str, value: float) -> None:
+        self.logged[name].append(float(value))
+
+    def _log_extra(self, column: str, values: list[Any]) -> None:
+        self.extra_columns[column] = list(values)
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = {f"reward_log/{k}": float(np.mean(v)) for k, v in self.logged.items() if v}
+        self.logged.clear()
+        self.extra_columns.clear()
+        return out
+
+
+def reward_scorer(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> RewardScorer:
+    """The stages' scorer (see `RewardScorer`)."""
+    return RewardScorer(dict(weights), dict(options or {}))
+
+
+def score(scorer: Scorer, problems: Sequence[Problem], prompts: Sequence[str], texts: list[str],
+          completion_ids: Sequence[Sequence[int]] | None = None) -> Scores:
+    """Call a scorer; the stages' `RewardScorer` also gets the completions' token ids."""
+    if isinstance(scorer, RewardScorer):
+        return scorer(problems, prompts, texts, completion_ids=completion_ids)
+    return scorer(problems, prompts, texts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +378,8 @@ def sample_groups(sampler: Sampler, tokenizer: Tokenizer, scorer: Scorer, proble
         raise RuntimeError(f"sampler returned {len(gens)} generations for {len(requests)} prompts")
     texts = [completion_text(tokenizer, g) for g in gens]
     per_row = [problems[p] for p in mine for _ in range(group_size)]
-    scores = scorer(per_row, [prompts[p] for p in mine for _ in range(group_size)], texts) if requests else None
+    scores = (score(scorer, per_row, [prompts[p] for p in mine for _ in range(group_size)], texts,
+                    [g.token_ids for g in gens]) if requests else None)
     totals = [0.0 if t is None else float(t) for t in (scores.total if scores else [])]
     components = {k: list(v) for k, v in scores.components.items()} if scores else {}
     rows = [slice(i * group_size, (i + 1) * group_size) for i in range(len(mine))]
@@ -656,7 +754,8 @@ def evaluate(tr: GRPOParts, problems: Sequence[Problem], prompts: Sequence[str],
     samples = sample_completions(tr.sampler, tr.tokenizer, prompt_ids, n=cfg.eval_samples, params=params,
                                  batch_size=cfg.eval_batch_size, seed=seed)
     flat = [(i, c) for i, row in enumerate(samples) for c in row]
-    scores = tr.scorer([problems[i] for i, _ in flat], [prompts[i] for i, _ in flat], [c.text for _, c in flat])
+    scores = score(tr.scorer, [problems[i] for i, _ in flat], [prompts[i] for i, _ in flat],
+                   [c.text for _, c in flat], [c.token_ids for _, c in flat])
     out = {"eval/reward_mean": _mean([0.0 if t is None else t for t in scores.total]),
            "eval/mean_length": float(np.mean([c.n_tokens for _, c in flat]))}
     if "accuracy" in scores.components:
@@ -701,8 +800,8 @@ def make_parts(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, probl
     if cfg.beta > 0:
         reference = copy.deepcopy(policy).eval()
         reference.requires_grad_(False)
-    prompts = [tokenizer.render_prompt(p.prompt, cfg.template) for p in problems]
-    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], cfg.template)
+    prompts = [tokenizer.render_prompt(p.question, cfg.template) for p in problems]
+    prompt_ids = encode_prompts(tokenizer, [p.question for p in problems], cfg.template)
     check_prompt_lengths(prompt_ids, cfg.max_new_tokens, policy.config.max_seq_len, [p.id for p in problems])
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     if sampler is None:
@@ -727,14 +826,18 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
     seed = stage_seed(ctx.seed, stage)
     reward_names = set(_reward_columns(schema))
     if scorer is None:
-        scorer, reward_names = reward_scorer(cfg.rewards), reward_names | set(cfg.rewards)
+        from rewards.registry import reward_labels
+
+        scorer = reward_scorer(cfg.rewards, reward_options(cfg))
+        scorer.state.max_steps = cfg.steps
+        reward_names |= set(reward_labels(list(cfg.rewards)).values())
     reward_names = sorted(reward_names)
     tr = make_parts(cfg, policy, tokenizer, train, scorer, seed=seed, device=ctx.device, dtype=ctx.dtype)
     schema = rollouts_schema(reward_names)
     eval_idx = choose(len(test), cfg.eval_problems, stage_seed(seed, "grpo-eval-set"))
     eval_set = [test[i] for i in eval_idx]
-    eval_prompts = [tokenizer.render_prompt(p.prompt, cfg.template) for p in eval_set]
-    eval_ids = encode_prompts(tokenizer, [p.prompt for p in eval_set], cfg.template)
+    eval_prompts = [tokenizer.render_prompt(p.question, cfg.template) for p in eval_set]
+    eval_ids = encode_prompts(tokenizer, [p.question for p in eval_set], cfg.template)
 
     def run_eval(step: int) -> dict[str, float]:
         m = evaluate(tr, eval_set, eval_prompts, eval_ids, stage_seed(seed, "grpo-eval"))
@@ -750,8 +853,12 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         metrics += metric_rows(0, run_eval(0))
     bar = ctx.progress(range(start + 1, cfg.steps + 1), desc=stage, total=cfg.steps - start)
     for step in bar:
+        if isinstance(scorer, RewardScorer):
+            scorer.state.global_step = step - 1  # TRL's count of steps finished when rewards run
         res = grpo_step(tr, step)
         m = res.metrics
+        if isinstance(scorer, RewardScorer):
+            m = m | scorer.pop_metrics()
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
             m = m | run_eval(step)
         metrics += metric_rows(step, m)

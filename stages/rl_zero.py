@@ -12,7 +12,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from stages.context import StageContext
-from stages.grpo import GRPOConfig, rollouts_schema, run_stage
+from stages.grpo import GRPOConfig, reward_sources, rollouts_schema, run_stage
 from stages.metrics import METRICS_SCHEMA
 
 INPUTS: tuple[str, ...] = ("base", "problems")
@@ -26,6 +26,11 @@ class Config(GRPOConfig):
     """GRPO knobs (see `stages.grpo.GRPOConfig`); R1-Zero's reward weights."""
 
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+
+
+def external_inputs(cfg: Config) -> dict[str, str]:
+    """User reward files' hashes: editing one reruns this stage (`pipeline.runner.stage_key`)."""
+    return reward_sources(cfg)
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> dict[str, Any]:

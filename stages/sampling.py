@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ class Completion:
         text: the decoded completion (without a final end-of-text token).
         n_tokens: generated tokens, the stop token included.
         finish_reason: "stop" (end-of-text or a stop token) or "length" (cut at max_new_tokens).
+        token_ids: the generated ids (what TRL passes rewards as `completion_ids`).
     """
 
     prompt_index: int
@@ -52,6 +53,7 @@ class Completion:
     text: str
     n_tokens: int
     finish_reason: str
+    token_ids: tuple[int, ...] = ()
 
 
 def stage_seed(seed: int, stream: str) -> int:
@@ -162,7 +164,7 @@ def sample_completions(
 
 def _completion(tokenizer: Tokenizer, g: Generation, i: int, j: int) -> Completion:
     return Completion(prompt_index=i, sample=j, text=completion_text(tokenizer, g),
-                      n_tokens=len(g.token_ids), finish_reason=g.finish_reason)
+                      n_tokens=len(g.token_ids), finish_reason=g.finish_reason, token_ids=tuple(g.token_ids))
 
 
 def find_checkpoint(directory: Path) -> Path:
@@ -180,12 +182,27 @@ PROBLEM_COLUMNS = ("id", "prompt", "answer", "split", "language")
 
 @dataclass(frozen=True)
 class Problem:
-    """The fields of a problems.parquet row the sampling stages use."""
+    """The fields of a problems.parquet row the sampling stages use.
+
+    Attributes:
+        prompt: the question (for a chat-message problem, its last user turn).
+        messages: the problem's chat messages when it came as a conversation (verl, TRL), else
+            empty; prompts are then rendered from them (`question_of`).
+        columns: the row's other columns (source, difficulty, data_source, extra_info parsed from
+            its JSON, ...), passed to rewards as TRL passes dataset columns.
+    """
 
     id: str
     prompt: str
     answer: str
     language: str
+    messages: tuple[dict[str, str], ...] = ()
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def question(self) -> "str | list[dict[str, str]]":
+        """What a template renders: the messages when there are some, else the prompt text."""
+        return [dict(m) for m in self.messages] if self.messages else self.prompt
 
 
 def read_problems(problems_dir: Path, split: str) -> list[Problem]:
@@ -194,14 +211,24 @@ def read_problems(problems_dir: Path, split: str) -> list[Problem]:
     Raises ArtifactError (naming the file and the missing column) on a malformed file, and
     ValueError when the split is empty.
     """
+    import json
+
     import pyarrow as pa
 
     from artifacts.store import read_table
 
+    path = Path(problems_dir) / "problems.parquet"
     schema = pa.schema([(c, pa.string()) for c in PROBLEM_COLUMNS])
-    table = read_table(Path(problems_dir) / "problems.parquet", schema, columns=list(PROBLEM_COLUMNS))
-    rows = [Problem(r["id"], r["prompt"], r["answer"], r["language"])
-            for r in table.to_pylist() if r["split"] == split]
+    table = read_table(path, schema)
+    rows = []
+    for r in table.to_pylist():
+        if r["split"] != split:
+            continue
+        columns = {k: v for k, v in r.items() if k not in (*PROBLEM_COLUMNS, "messages")}
+        if isinstance(columns.get("extra_info"), str):
+            columns["extra_info"] = json.loads(columns["extra_info"])
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in r.get("messages") or ())
+        rows.append(Problem(r["id"], r["prompt"], r["answer"], r["language"], messages, columns))
     if not rows:
         raise ValueError(f"{problems_dir}/problems.parquet has no {split!r} problems")
     return rows
@@ -253,7 +280,7 @@ def sample_train_rows(cfg: TrainSamplingConfig, checkpoint_dir: Path, problems_d
     seed = stage_seed(ctx.seed + cfg.seed_offset, stage)
     chosen = [problems[i] for i in choose(len(problems), cfg.max_prompts, seed)]
     model, tok = load_policy(checkpoint_dir, ctx.device, ctx.dtype)
-    ids = encode_prompts(tok, [p.prompt for p in chosen], cfg.template)
+    ids = encode_prompts(tok, [p.question for p in chosen], cfg.template)
     check_prompt_lengths(ids, cfg.max_new_tokens, model.config.max_seq_len, [p.id for p in chosen])
     params = sampling_params(tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, stop_at_answer=cfg.stop_at_answer)

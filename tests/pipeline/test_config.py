@@ -95,3 +95,20 @@ def test_strict_types_for_run_and_stage_fields(override, message):
         load_config("micro", overrides=[override])
     assert message in str(e.value)
     assert load_config("micro", overrides=["run.device=cuda:1"]).run.device == "cuda:1"
+
+
+def test_reward_names_and_references_are_checked_at_load(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    good = tmp_path / "my_rewards.py"
+    good.write_text("def bonus(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    cfg = load_config("micro", overrides=[f'rl_zero.rewards={{accuracy = 1.0, "{good}:bonus" = 0.5}}'])
+    assert f"{good}:bonus" in cfg.stage("rl_zero").rewards
+    for ref, named in ((f"{good}:missing", "has no function 'missing'"),
+                       (f"{tmp_path}/absent.py:bonus", "absent.py does not exist"),
+                       ("accuracyy", "unknown reward 'accuracyy'")):
+        with pytest.raises(ConfigError) as e:
+            load_config("micro", overrides=[f'rl_reasoning.rewards={{"{ref}" = 1.0}}'])
+        assert "rl_reasoning" in str(e.value) and named in str(e.value)
+    with pytest.raises(ConfigError, match="reward_options names rewards without a weight"):
+        load_config("micro", overrides=["rl_zero.reward_options={repetition_penalty = {ngram_size = 2}}"])
