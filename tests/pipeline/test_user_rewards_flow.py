@@ -62,7 +62,9 @@ def test_broken_reward_reference_fails_before_any_stage(tmp_path, capsys):
     code, _ = cli("run", "--preset", "micro", "--root", str(tmp_path / "root"), "--set",
                   f'rl_zero.rewards={{accuracy = 1.0, "{path}:short_answr" = 1.0}}')
     assert code == 2
-    assert time.perf_counter() - t0 < 10
+    # Config validation imports the stage modules (torch) and nothing more; no flow starts. The bound
+    # is loose because this 2-core test machine is shared (an idle run takes a few seconds).
+    assert time.perf_counter() - t0 < 60
     err = capsys.readouterr().err
     assert str(path) in err and "no function 'short_answr'" in err and "short_answer" in err
-    assert not (tmp_path / "root" / "artifacts").exists()
+    assert not (tmp_path / "root" / "artifacts").exists() and not (tmp_path / "root" / "runs").exists()
