@@ -38,7 +38,7 @@ def test_stage_contract():
     assert stage.INPUTS == ()
     assert set(stage.SCHEMAS) == {"problems.parquet", "corpus.parquet"}
     assert stage.SCHEMAS["problems.parquet"].names == ["id", "prompt", "answer", "split", "source", "language",
-                                                       "difficulty"]
+                                                       "difficulty", "messages", "data_source", "extra_info"]
     with pytest.raises(pydantic.ValidationError):
         stage.Config(n_trian=10)  # extra="forbid"
     with pytest.raises(pydantic.ValidationError, match="unknown task"):
@@ -155,7 +155,9 @@ def test_user_file_with_column_mapping(tmp_path, suffix):
     assert (s["rows"], s["rows_train"], s["rows_test"]) == (3, 1, 2)
     assert s["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == stage.source_fingerprint(
         stage.Config(source="file", path=str(path)))
-    assert not (out / "corpus.parquet").exists()
+    corpus = pq.read_table(out / "corpus.parquet").column("text").to_pylist()  # train problems only
+    assert corpus[0] == "User: What is 2 + 2?\nAssistant: <think> The answer is 4. </think> <answer> 4 </answer>"
+    assert len(corpus) == s["corpus_docs"] == stage.Config().corpus_docs and len(set(corpus)) == 1
 
 
 def test_hash_split_without_split_column(tmp_path):
@@ -175,8 +177,8 @@ def test_hash_split_without_split_column(tmp_path):
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
 def test_missing_answer_column_names_it_and_lists_columns(tmp_path, suffix):
     path = write_user_file(tmp_path / f"p{suffix}", [{"prompt": "What is 1 + 1?", "solution": "2"}])
-    with pytest.raises(ValueError) as e:
-        run(tmp_path, source="file", path=str(path))
+    with pytest.raises(ValueError) as e:  # the `columns` schema: exactly the mapped columns
+        run(tmp_path, source="file", path=str(path), schema="columns")
     assert "'answer'" in str(e.value) and "'prompt', 'solution'" in str(e.value) and path.name in str(e.value)
 
 
