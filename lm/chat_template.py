@@ -127,3 +127,17 @@ def render_r1_chat(template: str, question: str | Sequence[Message], **kwargs: s
     if not messages or messages[0].get("role") != "system":
         messages = [{"role": "system", "content": r1_system_prompt()}, *messages]
     return render_chat(template, messages, add_generation_prompt=True, **kwargs)
+
+
+def r1_conversation(question: str | Sequence[Message], template: str) -> list[dict[str, str]]:
+    """The chat messages equivalent to a prompt r1flow renders with a named template, for
+    exports in TRL's conversational form: the problem's messages (or one user turn), preceded by
+    R1-Zero's instruction as the system turn under the templates that carry it (``r1_zero`` in
+    its text, ``chat`` as that turn) when the conversation has no system turn of its own."""
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": question.strip()}]
+    else:
+        messages = [{"role": m["role"], "content": m["content"]} for m in question]
+    if template in ("r1_zero", "chat") and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": r1_system_prompt()}, *messages]
+    return messages

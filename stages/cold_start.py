@@ -42,12 +42,18 @@ from stages import filters
 from stages.context import StageContext
 from stages.lm_training import encode_text
 from stages.problems import problem_id
-from stages.sampling import SamplerFactory, find_checkpoint, read_problems, sample_train_rows, torch_sampler
+from stages.sampling import (SamplerFactory, conversational, find_checkpoint, messages_type, read_problems,
+                             sample_train_rows, torch_sampler)
 
 INPUTS: tuple[str, ...] = ("rl_zero", "problems")
 
+# `prompt`/`completion` are chat messages, TRL's conversational form (SFTTrainer takes the file as
+# it is); the plain strings are `prompt_text`/`completion_text`, which `sft` trains on.
 COLD_START_SCHEMA = pa.schema([
-    *filters.CANDIDATE_FIELDS,
+    pa.field("prompt", messages_type(), nullable=False),
+    pa.field("completion", messages_type(), nullable=False),
+    *[pa.field(f"{f.name}_text", f.type, f.nullable) if f.name in ("prompt", "completion") else f
+      for f in filters.CANDIDATE_FIELDS],
     pa.field("rewritten", pa.bool_(), nullable=False),
     pa.field("original_completion", pa.string()),  # the sampled text when `completion` was rewritten
 ])
@@ -311,7 +317,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
 
     kept = [dict(r, rewritten=False, original_completion=None) for r in rows if r["drop_reason"] is None]
     rewritten, rewrite_rejected = _rewrite(kept) if cfg.rewrite == "readable" else (0, 0)
-    write_table(pa.Table.from_pylist(kept, schema=COLD_START_SCHEMA), out / "cold_start.parquet", COLD_START_SCHEMA)
+    trl_rows = [conversational(r, cfg.template, ("completion",)) for r in kept]
+    write_table(pa.Table.from_pylist(trl_rows, schema=COLD_START_SCHEMA), out / "cold_start.parquet", COLD_START_SCHEMA)
 
     counts = filters.drop_counts(judgements)
     if len(kept) + sum(counts.values()) != len(rows):  # every candidate has one fate

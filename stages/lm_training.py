@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from artifacts.store import read_table
+from artifacts.store import open_parquet, read_table
 from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_resume as save_resume_state
@@ -628,10 +628,16 @@ def read_text_columns(path: Path, columns: Sequence[str], what: str) -> dict[str
 def read_pairs(path: Path, tok: Tokenizer, template: str | None, seq_len: int,
                what: str) -> tuple[list[Example], TokenizeReport]:
     """The (prompt, completion) rows of a Parquet file as training examples (prompts rendered with
-    `template`), with errors that name the file: missing columns, no rows, no usable row."""
-    cols = read_text_columns(path, ["prompt", "completion"], what)
-    prompts = render_prompts(tok, cols["prompt"], template)
-    examples, report = tokenize_pairs(tok, prompts, cols["completion"], seq_len)
+    `template`), with errors that name the file: missing columns, no rows, no usable row.
+
+    r1flow's own SFT files keep the plain strings in `prompt_text`/`completion_text` (their
+    `prompt`/`completion` are TRL's chat messages); other files have them as `prompt`/`completion`.
+    """
+    names = open_parquet(path).schema_arrow.names if Path(path).is_file() else []
+    p, c = ("prompt_text", "completion_text") if "prompt_text" in names else ("prompt", "completion")
+    cols = read_text_columns(path, [p, c], what)
+    prompts = render_prompts(tok, cols[p], template)
+    examples, report = tokenize_pairs(tok, prompts, cols[c], seq_len)
     if not examples:
         raise ValueError(f"{path}: none of its {len(prompts)} rows is usable for {what} ({report})")
     return examples, report

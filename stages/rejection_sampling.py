@@ -35,14 +35,18 @@ from artifacts.store import write_table
 from rewards import accuracy_reward
 from stages import filters
 from stages.context import StageContext
-from stages.sampling import SamplerFactory, sample_train_rows, torch_sampler
+from stages.sampling import SamplerFactory, conversational, messages_type, sample_train_rows, torch_sampler
 
 INPUTS: tuple[str, ...] = ("rl_reasoning", "problems")
 
+# `prompt`/`completion` (and `chosen`/`rejected`) are chat messages, TRL's conversational form, so
+# SFTTrainer and DPOTrainer take the files as they are; the plain strings are the `*_text` columns.
 REASONING_SFT_SCHEMA = pa.schema([
     pa.field("problem_id", pa.string(), nullable=False),
-    pa.field("prompt", pa.string(), nullable=False),
-    pa.field("completion", pa.string(), nullable=False),
+    pa.field("prompt", messages_type(), nullable=False),
+    pa.field("completion", messages_type(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),
+    pa.field("completion_text", pa.string(), nullable=False),
     pa.field("answer", pa.string(), nullable=False),
     pa.field("language", pa.string(), nullable=False),
     pa.field("sample", pa.int32(), nullable=False),
@@ -50,9 +54,12 @@ REASONING_SFT_SCHEMA = pa.schema([
 ])
 PREFERENCE_PAIRS_SCHEMA = pa.schema([
     pa.field("problem_id", pa.string(), nullable=False),
-    pa.field("prompt", pa.string(), nullable=False),
-    pa.field("chosen", pa.string(), nullable=False),
-    pa.field("rejected", pa.string(), nullable=False),
+    pa.field("prompt", messages_type(), nullable=False),
+    pa.field("chosen", messages_type(), nullable=False),
+    pa.field("rejected", messages_type(), nullable=False),
+    pa.field("prompt_text", pa.string(), nullable=False),
+    pa.field("chosen_text", pa.string(), nullable=False),
+    pa.field("rejected_text", pa.string(), nullable=False),
     pa.field("answer", pa.string(), nullable=False),
     pa.field("chosen_sample", pa.int32(), nullable=False),
     pa.field("rejected_sample", pa.int32(), nullable=False),
@@ -180,10 +187,14 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
                 filters.CANDIDATES_SCHEMA)
 
     kept = [r for r in rows if r["drop_reason"] is None]
-    write_table(pa.Table.from_pylist(kept, schema=REASONING_SFT_SCHEMA), out / "reasoning_sft.parquet",
+    sft_rows = [conversational(r, cfg.template, ("completion",)) for r in kept]
+    write_table(pa.Table.from_pylist(sft_rows, schema=REASONING_SFT_SCHEMA), out / "reasoning_sft.parquet",
                 REASONING_SFT_SCHEMA)
     pairs = preference_pairs(rows, cfg.pairs_per_prompt, cfg.dedupe_threshold)
-    write_table(pa.Table.from_pylist(pairs, schema=PREFERENCE_PAIRS_SCHEMA), out / "preference_pairs.parquet",
+    messages = {r["problem_id"]: r.get("messages") for r in rows}
+    pair_rows = [conversational(dict(p, messages=messages.get(p["problem_id"])), cfg.template, ("chosen", "rejected"))
+                 for p in pairs]
+    write_table(pa.Table.from_pylist(pair_rows, schema=PREFERENCE_PAIRS_SCHEMA), out / "preference_pairs.parquet",
                 PREFERENCE_PAIRS_SCHEMA)
 
     counts = filters.drop_counts(judgements)

@@ -290,6 +290,34 @@ def sample_train_rows(cfg: TrainSamplingConfig, checkpoint_dir: Path, problems_d
                                  seed=seed, progress=ctx.progress, desc=f"{stage} sampling")
     rows = [{"problem_id": p.id, "prompt": p.prompt, "completion": c.text, "answer": p.answer,
              "language": p.language, "sample": c.sample, "n_tokens": c.n_tokens,
-             "finish_reason": c.finish_reason, "origin": origin}
+             "finish_reason": c.finish_reason, "origin": origin, "messages": list(p.messages) or None}
             for p, per_prompt in zip(chosen, samples) for c in per_prompt]
     return rows, len(chosen)
+
+
+# ------------------------------------------------------------------ TRL's conversational form
+
+def messages_type() -> Any:
+    """Arrow type of a chat-message list: list<struct<role: string, content: string>>."""
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def conversational(row: dict[str, Any], template: str, texts: Sequence[str]) -> dict[str, Any]:
+    """A sampled row in TRL's conversational form, for SFTTrainer / DPOTrainer as they are.
+
+    `prompt` becomes the chat messages of what the model was prompted with
+    (`lm.chat_template.r1_conversation`: the problem's messages or its question, under the
+    template's system turn) and each column in `texts` (``completion``, ``chosen``,
+    ``rejected``) one assistant message; the plain strings stay as ``<name>_text``.
+    """
+    from lm.chat_template import r1_conversation
+
+    out = dict(row)
+    out["prompt_text"] = row["prompt"]
+    out["prompt"] = r1_conversation(row.get("messages") or row["prompt"], template)
+    for name in texts:
+        out[f"{name}_text"] = row[name]
+        out[name] = [{"role": "assistant", "content": row[name]}]
+    return out

@@ -67,7 +67,7 @@ def test_keeps_only_rows_passing_every_filter_and_counts_add_up(run_inputs, tmp_
     # Q2: UNTAGGED2 x2 -> format; the four GOOD2 survive every check; 2 kept, 2 over the cap
     # Q3: CUT3 x3 -> length (cut off, no answer, but "correct" comes first: no answer is wrong) ...
     assert [(r["problem_id"], r["sample"]) for r in kept] == [("p1", 1), ("p1", 3), ("p2", 1), ("p2", 2)]
-    assert [r["completion"] for r in kept] == [GOOD1, GOOD1B, GOOD2, GOOD2]
+    assert [r["completion_text"] for r in kept] == [GOOD1, GOOD1B, GOOD2, GOOD2]
     for r in kept:  # a kept row passed every check it applies; the others are recorded as not applied
         assert all(r[f"pass_{c}"] is True for c in cfg.checks)
         assert r["pass_paragraph"] is None and r["pass_code_fence"] is None
@@ -124,9 +124,9 @@ def test_rewrite_keeps_rows_correct_and_well_formed(run_inputs, tmp_path) -> Non
     assert summary["rewritten"] == 1 and summary["kept"] == 2
     row = next(r for r in kept if r["problem_id"] == "p1")
     assert row["rewritten"] and row["original_completion"] == messy
-    assert row["completion"] == " <think> 7+5=12 carry 1: 2. 4+8+1=13 carry 1: 32. so 132. </think> <answer> 132 </answer>"
-    assert accuracy_reward([row["completion"]], answer=["132"]) == [1.0]
-    assert format_reward([row["completion"]]) == [1.0]
+    assert row["completion_text"] == " <think> 7+5=12 carry 1: 2. 4+8+1=13 carry 1: 32. so 132. </think> <answer> 132 </answer>"
+    assert accuracy_reward([row["completion_text"]], answer=["132"]) == [1.0]
+    assert format_reward([row["completion_text"]]) == [1.0]
 
 
 # ----------------------------------------------------------------------------------- user files
