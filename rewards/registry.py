@@ -72,10 +72,11 @@ def message_text(value: Any) -> Any:
     """
     if isinstance(value, dict) and "content" in value:
         value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(m, dict) for m in value):
-        return value
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return value  # not text: the rewards score it 0 (text_item)
     turns = [m for m in value if m.get("role", "assistant") == "assistant"] or list(value)
-    return "".join(str(m.get("content") or "") for m in turns)
+    return "".join(m["content"] for m in turns)
 
 
 def completion_texts(completions: Sequence[Any]) -> list[Any]:
