@@ -9,14 +9,21 @@ Where from:
 - Batch-std scaling: the "group mean, batch std" mix of Liu et al. 2025 ("Part I: Tricks or Traps",
   Lite PPO) / TRL's `scale_rewards="batch"`.
 - The k3 KL estimator: Schulman, "Approximating KL Divergence" (2020), as in DeepSeekMath eq. 4.
+- Leave-one-out baseline: RLOO (Ahmadian et al. 2024, "Back to Basics", eq. 9); REINFORCE++-baseline
+  (Hu et al. 2025, "REINFORCE++", §3.2: group mean subtracted, then normalised over the batch).
+- Sequence-level ratio and clipping: GSPO (Zheng et al. 2025, eq. 5-7, the GSPO-token form eq. 13).
+- Clipped, stop-gradient importance weight on every token's log-prob: CISPO (MiniMax-M1, 2025, eq. 4-5).
+- Truncated importance sampling between the sampler's and the trainer's log-probs: Yao et al. 2025
+  ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", eq. 2; verl `tis_imp_ratio_cap`).
 
-Each variant is its own function, registered by name (`ADVANTAGES`, `AGGREGATIONS`); a stage's
-config picks a name. Metrics are returned detached beside the loss and are additive across the
+Each variant is its own function, registered by name (`ADVANTAGES`, `POLICY_LOSSES`,
+`AGGREGATIONS`); a stage's config picks a name and accepts exactly the registry's keys. Metrics are returned detached beside the loss and are additive across the
 micro-batches of one batch (each is normalised by whole-batch counts, see `LossScale`), so a
 training loop sums them over gradient-accumulation steps to get the batch figure.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,11 +104,44 @@ def batch_std_advantages(rewards: Tensor, eps: float = 1e-4) -> Advantages:
     return _flagged(centered / (std + eps), zero)
 
 
+def rloo_advantages(rewards: Tensor, eps: float = 1e-4) -> Advantages:
+    """RLOO (Ahmadian et al. 2024 eq. 9; Kool et al. 2019): each completion's baseline is the mean
+    of the *other* G − 1 rewards of its group,
+
+        A_i = r_i − 1/(G−1) Σ_{j≠i} r_j = G/(G−1) · (r_i − mean_group),
+
+    an unbiased baseline (it does not depend on r_i). The advantages of a group sum to zero. No
+    std scaling (as verl's `compute_rloo_outcome_advantage`); `eps` is accepted for a uniform
+    signature only.
+    """
+    del eps
+    centered, zero = _center(rewards)  # [P, G], [P]
+    G = rewards.shape[1]
+    return _flagged(centered * (G / (G - 1)), zero)  # [P, G]
+
+
+def reinforce_pp_advantages(rewards: Tensor, eps: float = 1e-4) -> Advantages:
+    """REINFORCE++-baseline (Hu et al. 2025, §3.2): subtract the group mean, then normalise the
+    centred values over the whole batch, A = (c − mean_batch(c)) / (std_batch(c) + ε) with
+    c = r − mean_group.
+
+    Departure: verl whitens over tokens (each completion weighted by its length); the batch here
+    is the P·G completions, each counted once. std is the unbiased sample std over the batch's
+    completions, zero-spread groups included (they hold c = 0 and are then set to exactly 0).
+    """
+    centered, zero = _center(rewards)  # [P, G], [P]
+    flat = centered.flatten()  # [P*G]
+    std = flat.std() if flat.numel() > 1 else flat.new_zeros(())  # []
+    return _flagged((centered - flat.mean()) / (std + eps), zero)  # [P, G]
+
+
 AdvantageFn = Callable[[Tensor, float], Advantages]
 ADVANTAGES: dict[str, AdvantageFn] = {
     "group": group_std_advantages,
     "none": no_std_advantages,
     "batch": batch_std_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
 }
 
 
@@ -110,8 +150,9 @@ ADVANTAGES: dict[str, AdvantageFn] = {
 
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
-                      eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
+                      eps_high: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token PPO clipped surrogate loss with clip-higher (DAPO eq. 8; DeepSeekMath eq. 3).
+    The `clip` policy loss.
 
         loss_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A),   ρ_t = exp(logp_t − old_logp_t)
 
@@ -120,6 +161,7 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_lo
         old_logp: [B, T] log-probs under the policy that sampled them (no grad needed).
         advantages: [B] one advantage per completion, shared by its tokens.
         eps_low, eps_high: clip range below and above 1 (ε_high > ε_low is DAPO's clip-higher).
+        mask: [B, T] unused (every token is its own unit); accepted for the `POLICY_LOSSES` signature.
     Returns:
         (loss [B, T], clipped_low [B, T] bool, clipped_high [B, T] bool). A token is clipped low
         when ρ < 1 − ε_low with A < 0 and high when ρ > 1 + ε_high with A > 0: exactly the
@@ -134,6 +176,93 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_lo
     low = (r < 1.0 - eps_low) & (adv < 0)  # [B, T]
     high = (r > 1.0 + eps_high) & (adv > 0)  # [B, T]
     return loss, low, high
+
+
+def gspo_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float, eps_high: float,
+                   mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """GSPO (Zheng et al. 2025, eq. 5-7): one importance ratio per completion, the geometric mean
+    of its token ratios, clipped as a whole:
+
+        s_i = (π_θ(o_i|q) / π_old(o_i|q))^(1/|o_i|) = exp(mean_t (logp_t − old_logp_t))
+        loss_i = −min(s_i A_i, clip(s_i, 1 − ε_low, 1 + ε_high) A_i)
+
+    Written per token in the GSPO-token form (eq. 13, as verl's `gspo` loss): s_{i,t} =
+    sg(s_i) · π_θ(o_t)/sg(π_θ(o_t)) has the value s_i on every token and the gradient
+    s_i ∇log π_θ(o_t), so with one advantage per completion every aggregation gives GSPO's
+    gradient. With a single token per completion, s_i = ρ_i and this is exactly `clipped_surrogate`.
+
+    The paper clips far tighter than token-level PPO (ε_low = 3e-4, ε_high = 4e-4, §5.1): a
+    sequence ratio is a mean of log-ratios, so it moves much less than single tokens' ratios.
+
+    Args:
+        logp, old_logp: [B, T] as in `clipped_surrogate`; advantages: [B].
+        mask: [B, T] 0/1 tokens of each completion (needed: |o_i| and the mean run over them).
+    Returns:
+        (loss [B, T], clipped_low [B, T], clipped_high [B, T]): every token of a completion carries
+        its sequence's loss value and its sequence's clip flags.
+    """
+    if mask is None:
+        raise ValueError("gspo needs the completion mask (the sequence ratio averages over real tokens)")
+    m = mask.to(logp.dtype)  # [B, T]
+    log_s = ((logp - old_logp).detach() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)  # [B]
+    # value log s_i on every token, gradient of log π_θ(o_t); capped at 10 against exp overflow (verl)
+    log_ratio = torch.clamp(logp - logp.detach() + log_s.unsqueeze(1), max=10.0)  # [B, T]
+    return clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), advantages, eps_low, eps_high)
+
+
+def cispo_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float, eps_high: float,
+                    mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """CISPO (MiniMax-M1 2025, eq. 4-5): REINFORCE with a clipped, stop-gradient importance weight,
+
+        loss_t = −sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)) · A · log π_θ(o_t)
+
+    No token is dropped: where the PPO clip would zero a token's gradient, CISPO keeps it with the
+    weight capped. Inside the trust region the gradient −ρ_t A ∇log π_θ equals the clip loss's
+    (∇ρ_t = ρ_t ∇log π_θ). The paper sets no lower bound (ε_low large) and tunes ε_high only; the
+    loss *value* is not a surrogate of the return (it carries log π), only its gradient is.
+
+    Args:
+        as `clipped_surrogate` (mask unused).
+    Returns:
+        (loss [B, T], capped_low [B, T], capped_high [B, T]): the tokens whose weight was capped
+        below 1 − ε_low or above 1 + ε_high, whatever the advantage's sign (their gradient is kept,
+        only scaled).
+    """
+    del mask
+    ratio = torch.exp(logp - old_logp).detach()  # [B, T]
+    weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+    loss = -weight * advantages.unsqueeze(1) * logp  # [B, T]
+    return loss, ratio < 1.0 - eps_low, ratio > 1.0 + eps_high
+
+
+PolicyLossFn = Callable[[Tensor, Tensor, Tensor, float, float, Tensor], tuple[Tensor, Tensor, Tensor]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {
+    "clip": clipped_surrogate,
+    "gspo": gspo_surrogate,
+    "cispo": cispo_surrogate,
+}
+"""(logp, old_logp, advantages, eps_low, eps_high, mask) -> (per-token loss, clipped_low, clipped_high)."""
+
+
+def tis_weights(trainer_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025, eq. 2): the sampler's log-probs differ
+    from the trainer's for the same weights (bf16, another inference engine, fused kernels), so
+    the samples come from π_sampler, not π_old; each token's loss is reweighted by
+
+        w_t = min(π_old_train(o_t) / π_sampler(o_t), C)
+
+    truncated at C to bound the variance. Detached: a correction factor, not a gradient path.
+
+    Args:
+        trainer_logp: [B, T] old-policy log-probs as the trainer computes them.
+        sampler_logp: [B, T] the same tokens' log-probs as the sampler reported them.
+        cap: C > 0.
+    Returns:
+        [B, T] weights in (0, C].
+    """
+    if cap <= 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    return torch.exp(trainer_logp.detach() - sampler_logp.detach()).clamp(max=cap)  # [B, T]
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -235,31 +364,46 @@ AGGREGATIONS: dict[str, Aggregation] = {
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, scale: LossScale,
               aggregate: Aggregation = sequence_mean, eps_low: float = 0.2, eps_high: float = 0.2,
-              ref_logp: Tensor | None = None, beta: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+              ref_logp: Tensor | None = None, beta: float = 0.0, policy_loss: PolicyLossFn = clipped_surrogate,
+              sampler_logp: Tensor | None = None, tis_cap: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO objective on one micro-batch (DeepSeek-R1 eq. 1, negated for minimisation):
 
-        loss = aggregate(clipped_surrogate + β · k3_kl)
+        loss = aggregate(w_tis · policy_loss + β · k3_kl)
 
     Args:
-        logp: [b, T] policy log-probs (with grad); old_logp: [b, T] sampling-policy log-probs.
+        logp: [b, T] policy log-probs (with grad); old_logp: [b, T] old-policy log-probs as the
+            trainer computes them.
         advantages: [b] per completion; mask: [b, T] 0/1 completion tokens that count.
-        scale: whole-batch counts (`LossScale.of(full_mask, max_new_tokens)`).
-        aggregate: one of `AGGREGATIONS`.
+        scale: whole-batch counts (`LossScale.of(full_mask, max_new_tokens)`); a distributed run
+            passes the counts of the global batch.
+        aggregate: one of `AGGREGATIONS`; policy_loss: one of `POLICY_LOSSES` (default `clip`).
         eps_low, eps_high: clip range; ref_logp: [b, T] reference log-probs, needed iff beta > 0.
+        sampler_logp, tis_cap: with a cap, each token's policy loss is weighted by
+            `tis_weights(old_logp, sampler_logp, tis_cap)` (truncated importance sampling).
     Returns:
         (loss, metrics). Metrics are detached scalars, additive over the micro-batches of a batch:
         `policy_loss` and `kl_loss` (aggregated, loss = policy_loss + kl_loss), and the token
-        means `kl`, `clip_low`, `clip_high` (fractions of tokens whose gradient the clip cut).
+        means `kl`, `clip_low`, `clip_high` (fractions of tokens the variant clipped; see its
+        docstring), `clip_frac` (their sum), and with TIS `tis_weight` (mean weight) and
+        `tis_capped` (fraction of tokens whose weight the cap truncated).
     """
     mask = mask.to(logp.dtype)
-    pg, low, high = clipped_surrogate(logp, old_logp.detach(), advantages.detach(), eps_low, eps_high)
-    policy_loss = aggregate(pg, mask, scale)  # []
+    pg, low, high = policy_loss(logp, old_logp.detach(), advantages.detach(), eps_low, eps_high, mask)
     n_tok = max(scale.num_tokens, 1)
-    metrics = {
-        "policy_loss": policy_loss.detach(),
-        "clip_low": (low.to(mask.dtype) * mask).sum().detach() / n_tok,
-        "clip_high": (high.to(mask.dtype) * mask).sum().detach() / n_tok,
-    }
+    metrics: dict[str, Tensor] = {}
+    if tis_cap is not None:
+        if sampler_logp is None:
+            raise ValueError("tis_cap needs sampler_logp")
+        w = tis_weights(old_logp, sampler_logp, tis_cap).to(pg.dtype)  # [b, T]
+        pg = pg * w  # [b, T]
+        capped = (old_logp.detach() - sampler_logp.detach()) >= math.log(tis_cap)  # [b, T]
+        metrics["tis_weight"] = (w * mask).sum() / n_tok
+        metrics["tis_capped"] = (capped.to(mask.dtype) * mask).sum() / n_tok
+    policy = aggregate(pg, mask, scale)  # []
+    clip_low = (low.to(mask.dtype) * mask).sum().detach() / n_tok
+    clip_high = (high.to(mask.dtype) * mask).sum().detach() / n_tok
+    metrics |= {"policy_loss": policy.detach(), "clip_low": clip_low, "clip_high": clip_high,
+                "clip_frac": clip_low + clip_high}
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
@@ -267,5 +411,5 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
         kl_loss = beta * aggregate(kl, mask, scale)  # []
         metrics["kl"] = (kl.detach() * mask).sum() / n_tok
         metrics["kl_loss"] = kl_loss.detach()
-        return policy_loss + kl_loss, metrics
-    return policy_loss, metrics
+        return policy + kl_loss, metrics
+    return policy, metrics

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from stages.grpo_loss import (
-    ADVANTAGES, AGGREGATIONS, LossScale, batch_std_advantages, clipped_surrogate, constant_normalizer,
-    group_std_advantages, grpo_loss, k3_kl, mask_truncated, no_std_advantages, sequence_mean, token_mean,
+    ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, batch_std_advantages, cispo_surrogate, clipped_surrogate,
+    constant_normalizer, group_std_advantages, grpo_loss, gspo_surrogate, k3_kl, mask_truncated, no_std_advantages,
+    reinforce_pp_advantages, rloo_advantages, sequence_mean, tis_weights, token_mean,
 )
 
 
@@ -60,6 +61,42 @@ def test_batch_std_advantages_hand_worked() -> None:
     # contrast with per-group std: group 0 alone has std sqrt(.5) -> A = ±.70711
     close(group_std_advantages(torch.tensor([[1.0, 0.0]]), eps=0.0).values,
           [[0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)]])
+
+
+def test_rloo_advantages_hand_worked() -> None:
+    # leave-one-out: rewards 1,0,0,0 -> A_0 = 1 - (0+0+0)/3 = 1, A_1..3 = 0 - (1+0+0)/3 = -1/3
+    #   (= 4/3 · (r - .25): 4/3 · .75 = 1, 4/3 · -.25 = -1/3)
+    # rewards 3,1,2 -> 3 - (1+2)/2 = 1.5, 1 - (3+2)/2 = -1.5, 2 - (3+1)/2 = 0
+    close(rloo_advantages(torch.tensor([[1.0, 0, 0, 0]])).values, [[1.0, -1 / 3, -1 / 3, -1 / 3]])
+    close(rloo_advantages(torch.tensor([[3.0, 1.0, 2.0]])).values, [[1.5, -1.5, 0.0]])
+
+
+def test_rloo_advantages_sum_to_zero_per_group() -> None:
+    # Σ_i (r_i - mean of the others) = G/(G-1) · Σ_i (r_i - mean) = 0, whatever the rewards
+    rewards = torch.rand(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rewards[3] = 0.5  # a zero-spread group too
+    adv = rloo_advantages(rewards)
+    torch.testing.assert_close(adv.values.sum(dim=1), torch.zeros(7, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert adv.zero_spread.tolist() == [False, False, False, True, False, False, False]
+
+
+def test_reinforce_pp_advantages_hand_worked() -> None:
+    # group-centred: [1,0] -> .5,-.5 and [1,1] -> 0,0 (zero spread); batch of centred values
+    #   .5,-.5,0,0: mean 0, squares .25+.25 = .5, unbiased var .5/3 = .16667 -> std .408248
+    #   A = ±.5/.408248 = ±1.224745, group 1 exactly 0
+    adv = reinforce_pp_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), eps=0.0)
+    close(adv.values, [[0.5 / math.sqrt(0.5 / 3), -0.5 / math.sqrt(0.5 / 3)], [0.0, 0.0]], tol=1e-6)
+    assert adv.zero_spread.tolist() == [False, True]
+    # contrast: batch-std divides by the std of the raw rewards 1,0,1,1 (= .5) -> ±1
+    close(batch_std_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), eps=0.0).values, [[1.0, -1.0], [0.0, 0.0]])
+
+
+def test_reinforce_pp_advantages_are_batch_whitened() -> None:
+    # over the completions of non-flat groups: mean 0, unbiased std 1 (eps 0)
+    rewards = torch.rand(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a = reinforce_pp_advantages(rewards, eps=0.0).values.flatten()
+    torch.testing.assert_close(a.mean(), torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.std(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_advantages_reject_bad_shapes() -> None:
@@ -116,6 +153,126 @@ def test_ratio_one_gives_the_plain_policy_gradient() -> None:
     loss.sum().backward()
     close(logp.grad, [[-0.5, -0.5], [2.0, 2.0]])
     assert not low.any() and not high.any()
+
+
+# ------------------------------------------------------------------------------ policy-loss variants
+
+
+def test_gspo_hand_worked() -> None:
+    # one completion, two real tokens with ratios 1.5 and 1.0 and a padded third (ratio e^5, masked):
+    #   log s = (ln 1.5 + 0) / 2 = .202733 -> s = sqrt(1.5) = 1.224745 (the padding does not count)
+    #   A = +1, clip range [.8, 1.28]: inside -> every token carries loss -s = -1.224745
+    old = torch.full((1, 3), math.log(0.5))
+    logp = (old + torch.log(torch.tensor([[1.5, 1.0, math.exp(5.0)]]))).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, low, high = gspo_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.28, mask)
+    close(loss[:, :2], [[-math.sqrt(1.5), -math.sqrt(1.5)]], tol=1e-6)
+    assert not low.any() and not high.any()
+    # sequence mean of the per-token loss = -s; d/d logp_t = -A · s / |o| = -1.224745 / 2 = -.612372 on
+    # each real token (= d(-s)/d logp_t, since d s / d logp_t = s / |o|), 0 on the padding
+    sequence_mean(loss, mask, LossScale.of(mask, 3)).backward()
+    close(logp.grad, [[-math.sqrt(1.5) / 2, -math.sqrt(1.5) / 2, 0.0]], tol=1e-6)
+    # symmetric ε_high .2: s = 1.2247 > 1.2 -> clipped high on every token, loss -1.2, no gradient
+    logp.grad = None
+    loss, low, high = gspo_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.2, mask)
+    close(loss[:, :2], [[-1.2, -1.2]], tol=1e-6)
+    assert high.all() and not low.any()
+    sequence_mean(loss, mask, LossScale.of(mask, 3)).backward()
+    close(logp.grad, [[0.0, 0.0, 0.0]])
+
+
+def test_gspo_equals_clip_when_every_completion_has_one_token() -> None:
+    # |o_i| = 1: s_i = ρ_i, so loss, clip flags and gradients are those of the token clip
+    g = torch.Generator().manual_seed(0)
+    old = torch.log(torch.rand(16, 1, generator=g) * 0.9 + 0.05)
+    base = old + (torch.rand(16, 1, generator=g) - 0.5)  # ratios in [e^-.5, e^.5]: both sides clip
+    adv = torch.randn(16, generator=g)
+    mask = torch.ones(16, 1)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    la, lowa, higha = clipped_surrogate(a, old, adv, 0.2, 0.28, mask)
+    lb, lowb, highb = gspo_surrogate(b, old, adv, 0.2, 0.28, mask)
+    close(lb, la.detach(), tol=1e-6)
+    assert torch.equal(lowa, lowb) and torch.equal(higha, highb) and (lowa | higha).any()
+    la.sum().backward()
+    lb.sum().backward()
+    close(b.grad, a.grad, tol=1e-6)
+
+
+def test_gspo_needs_the_mask() -> None:
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="mask"):
+        gspo_surrogate(x, x, torch.zeros(1), 0.2, 0.2, None)
+
+
+def test_cispo_hand_worked() -> None:
+    # clip range [.8, 1.28]; old p = .5, so p = .5 ρ
+    #   ρ=1.5, A=+1: weight 1.28 (capped high), p = .75: loss -1.28 · ln .75 = .368233; grad -1.28
+    #      (the clip loss gives this token no gradient; CISPO keeps it, capped)
+    #   ρ=0.5, A=-1: weight .8 (capped low), p = .25: loss .8 · ln .25 = -1.109035; grad +.8
+    #   ρ=1.1, A=+2: weight 1.1, p = .55: loss -2.2 · ln .55 = 1.315270; grad -2.2 (as the clip loss)
+    logp, old = _ratios([1.5, 0.5, 1.1])
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, low, high = cispo_surrogate(logp, old, adv, 0.2, 0.28)
+    close(loss.squeeze(1), [-1.28 * math.log(0.75), 0.8 * math.log(0.25), -2.2 * math.log(0.55)], tol=1e-5)
+    assert low.squeeze(1).tolist() == [False, True, False]
+    assert high.squeeze(1).tolist() == [True, False, False]
+    loss.sum().backward()
+    close(logp.grad.squeeze(1), [-1.28, 0.8, -2.2], tol=1e-5)
+
+
+def test_cispo_gradient_equals_clip_gradient_inside_the_trust_region() -> None:
+    # inside [1 - ε_low, 1 + ε_high] the weight is ρ itself: -ρ A ∇log π = -A ∇ρ, the clip loss's
+    g = torch.Generator().manual_seed(2)
+    old = torch.log(torch.rand(6, 5, generator=g) * 0.9 + 0.05)
+    base = old + (torch.rand(6, 5, generator=g) - 0.5) * 0.3  # ρ in [e^-.15, e^.15] ⊂ [.8, 1.28]
+    adv = torch.randn(6, generator=g)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    clipped_surrogate(a, old, adv, 0.2, 0.28)[0].sum().backward()
+    loss, low, high = cispo_surrogate(b, old, adv, 0.2, 0.28)
+    loss.sum().backward()
+    assert not low.any() and not high.any()
+    close(b.grad, a.grad, tol=1e-6)
+
+
+def test_tis_weights_hand_worked() -> None:
+    # trainer .5 vs sampler .25 -> 2, capped at 1.5; trainer .3 vs sampler .6 -> .5; equal -> 1
+    trainer = torch.log(torch.tensor([[0.5, 0.3, 0.4]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.6, 0.4]]))
+    close(tis_weights(trainer, sampler, 1.5), [[1.5, 0.5, 1.0]], tol=1e-6)
+    with pytest.raises(ValueError, match="cap"):
+        tis_weights(trainer, sampler, 0.0)
+
+
+def test_grpo_loss_with_tis_hand_worked() -> None:
+    # two one-token completions on-policy (ρ = 1), A = +1, -1 -> surrogate -1, +1
+    # weights: row 0 min(.5/.25, 1.5) = 1.5 (capped), row 1 .3/.6 = .5
+    # policy loss, sequence mean: (-1.5 + .5) / 2 = -.5; tis_weight (1.5 + .5)/2 = 1; tis_capped 1/2
+    # gradient: -A w / 2 -> -.75, +.25
+    logp = torch.log(torch.tensor([[0.5], [0.3]])).requires_grad_(True)
+    sampler = torch.log(torch.tensor([[0.25], [0.6]]))
+    mask = torch.ones(2, 1)
+    loss, m = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask, scale=LossScale.of(mask, 1),
+                        sampler_logp=sampler, tis_cap=1.5)
+    close(loss, -0.5, tol=1e-6)
+    close(m["tis_weight"], 1.0, tol=1e-6)
+    close(m["tis_capped"], 0.5)
+    loss.backward()
+    close(logp.grad, [[-0.75], [0.25]], tol=1e-6)
+    with pytest.raises(ValueError, match="sampler_logp"):
+        grpo_loss(logp, logp.detach(), torch.zeros(2), mask, scale=LossScale.of(mask, 1), tis_cap=2.0)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_every_policy_loss_is_plain_policy_gradient_on_policy(name: str) -> None:
+    # ρ = 1 (μ = 1, one mini-batch): every variant's gradient is -A ∇log π per token; the sequence
+    # mean divides by 2 tokens and 2 sequences: -A/4 -> -.125 (A = .5) and +.5 (A = -2); no clipping
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    mask = torch.ones(2, 2)
+    loss, m = grpo_loss(logp, logp.detach(), torch.tensor([0.5, -2.0]), mask, scale=LossScale.of(mask, 2),
+                        policy_loss=POLICY_LOSSES[name])
+    loss.backward()
+    close(logp.grad, [[-0.125, -0.125], [0.5, 0.5]], tol=1e-6)
+    assert m["clip_frac"].item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------ KL
