@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STAGES: tuple[str, ...] = (
     "problems", "base", "rl_zero", "cold_start", "sft", "rl_reasoning",
-    "rejection_sampling", "distill", "evaluate",
+    "rejection_sampling", "dpo", "distill", "evaluate",
 )
 PRESET_DIR = Path(__file__).parent / "presets"
 

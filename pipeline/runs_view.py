@@ -16,6 +16,7 @@ HEADLINE = {
     "sft": "final_val_loss",
     "rl_reasoning": "final_reward_mean",
     "rejection_sampling": "kept",
+    "dpo": "final_margin",
     "distill": "students",
     "evaluate": "best_pass@1",
 }

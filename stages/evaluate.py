@@ -3,8 +3,8 @@
 Where from: DeepSeek-R1 (DeepSeek-AI 2025), sec. 3 "Evaluation setup": greedy decoding gives
 high repetition rates and variance on long-CoT models, so R1 samples k responses per question at
 temperature 0.6, top-p 0.95 and reports pass@1 = (1/k) sum_i p_i, plus cons@64 (majority vote).
-Here, per checkpoint (base, rl_zero, sft, rl_reasoning, then every student and baseline found in
-distill's ``students/<name>/`` and ``baselines/<name>/``):
+Here, per checkpoint (base, rl_zero, sft, rl_reasoning, dpo when that stage is enabled, then every
+student and baseline found in distill's ``students/<name>/`` and ``baselines/<name>/``):
 
 - pass@1: mean correctness of k samples (temperature / top-p from the config);
 - maj@k: the majority answer of the k samples is correct (ties: the answer seen first;
@@ -54,8 +54,9 @@ from stages.sampling import (
     read_problems, sample_completions, sampling_params, stage_seed, torch_sampler,
 )
 
-INPUTS: tuple[str, ...] = ("problems", "base", "rl_zero", "sft", "rl_reasoning", "distill")
+INPUTS: tuple[str, ...] = ("problems", "base", "rl_zero", "sft", "rl_reasoning", "dpo", "distill")
 MODEL_STAGES: tuple[str, ...] = ("base", "rl_zero", "sft", "rl_reasoning")
+OPTIONAL_MODEL_STAGES: tuple[str, ...] = ("dpo",)  # evaluated when their artifact holds a checkpoint
 
 EVAL_SCHEMA = pa.schema([
     pa.field("checkpoint", pa.string(), nullable=False),
@@ -109,14 +110,16 @@ class Config(BaseModel):
 
 @dataclass(frozen=True)
 class CheckpointRef:
-    name: str  # base | rl_zero | sft | rl_reasoning | student:<name> | baseline:<name>
+    name: str  # base | rl_zero | sft | rl_reasoning | dpo | student:<name> | baseline:<name>
     path: Path
 
 
 def find_checkpoints(inputs: dict[str, Path]) -> list[CheckpointRef]:
-    """The run's checkpoints in recipe order: the four model stages, then distill's students and
-    baselines (sorted by name). A stage missing from `inputs` is skipped."""
+    """The run's checkpoints in recipe order: the four model stages, dpo if it wrote a checkpoint,
+    then distill's students and baselines (sorted by name). A stage missing from `inputs` is skipped."""
     refs = [CheckpointRef(s, find_checkpoint(inputs[s])) for s in MODEL_STAGES if s in inputs]
+    refs += [CheckpointRef(s, Path(inputs[s]) / "checkpoint") for s in OPTIONAL_MODEL_STAGES
+             if s in inputs and (Path(inputs[s]) / "checkpoint").is_dir()]
     if "distill" in inputs:
         for kind, folder in (("student", "students"), ("baseline", "baselines")):
             base = Path(inputs["distill"]) / folder

@@ -31,6 +31,11 @@ reference CPU for the base stage). Then the sampler's fp32 log-probs would diffe
 training forward's by bf16 rounding, so with μ > 1 the old log-probs are recomputed by one no-grad
 forward instead. In fp32 on a CPU, matmuls go to oneDNN when it is fp32-exact (`lm.train.fast_fp32_matmul`).
 
+Objective variants (`policy_loss`, `advantage`, `tis_cap`) are the named functions of
+`stages/grpo_loss.py`; the loop only picks them by name. With `tis_cap` each token's loss is weighted
+by min(π_old_train / π_sampler, cap) (truncated importance sampling); on one CPU in fp32 the two agree
+to rounding, so the logged `tis_weight` stays ~1 — the option matters with bf16 or another engine.
+
 Departure: the entropy metric is the sample estimate −mean log π(o_t) over the sampled tokens (the
 exact entropy needs the full vocabulary distribution at every position).
 
@@ -76,7 +81,7 @@ from lm.logprobs import completion_logprobs
 from lm.train import (autocast_context, check_finite, clip_grad, fast_fp32_matmul, lr_at, make_optimizer,
                       resolve_dtype_name, set_lr, training_precision)
 from stages.context import StageContext
-from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, LossScale, grpo_loss, mask_truncated
+from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, grpo_loss, mask_truncated
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import (Problem, check_prompt_lengths, choose, encode_prompts, load_policy, read_problems,
                              sample_completions, sampling_params, stage_seed)
@@ -107,9 +112,12 @@ class GRPOConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop_at_answer: bool = True  # also stop after "</answer>" (nothing after it is graded)
     # objective
-    advantage: Literal["group", "batch", "none"] = "group"  # std scaling: group | batch | none (Dr. GRPO)
+    # the accepted names are the registries' keys (stages/grpo_loss.py)
+    policy_loss: Literal[tuple(POLICY_LOSSES)] = "clip"  # clip (PPO token clip) | gspo | cispo
+    advantage: Literal[tuple(ADVANTAGES)] = "group"  # group | batch | none (Dr. GRPO) | rloo | reinforce_pp
     advantage_eps: float = Field(1e-4, ge=0.0)
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    loss_aggregation: Literal[tuple(AGGREGATIONS)] = "sequence_mean"
+    tis_cap: float | None = Field(None, gt=0.0)  # truncated importance sampling sampler -> trainer; None = off
     beta: float = Field(0.04, ge=0.0)  # KL weight; 0 skips the reference model
     eps_low: float = Field(0.2, ge=0.0)
     eps_high: float = Field(0.28, ge=0.0)  # DAPO clip-higher; set 0.2 for the symmetric clip
@@ -437,8 +445,9 @@ class TrainBatch:
     completion_real: Tensor  # [N, Lc] bool, generated tokens (what attention may see)
     loss_mask: Tensor  # [N, Lc] float, tokens that carry loss (truncated rows zeroed if asked)
     group: Tensor  # [N] long, prompt row of each completion
-    old_logp: Tensor  # [N, Lc] sampling-policy log-probs, 0 on padding
+    old_logp: Tensor  # [N, Lc] old-policy log-probs (the sampler's, or the trainer's recomputed), 0 on padding
     advantages: Tensor  # [N]
+    sampler_logp: Tensor  # [N, Lc] the sampler's log-probs as it reported them, 0 on padding
 
     def rows(self, idx: Tensor) -> "TrainBatch":
         """The completions `idx` with just their prompts, cut to their longest prompt/completion."""
@@ -448,7 +457,8 @@ class TrainBatch:
         pmask = self.prompt_mask[groups]  # [g, Lp]
         Lp = _round_up(int(pmask.sum(dim=1).max()), pmask.shape[1])
         return TrainBatch(self.prompt_ids[groups, -Lp:], pmask[:, -Lp:], self.completion_ids[idx, :Lc], real[:, :Lc],
-                          self.loss_mask[idx, :Lc], inv, self.old_logp[idx, :Lc], self.advantages[idx])
+                          self.loss_mask[idx, :Lc], inv, self.old_logp[idx, :Lc], self.advantages[idx],
+                          self.sampler_logp[idx, :Lc])
 
 
 def build_batch(prompt_ids: Sequence[list[int]], gens: Sequence[Generation], group_size: int,
@@ -473,7 +483,7 @@ def build_batch(prompt_ids: Sequence[list[int]], gens: Sequence[Generation], gro
         loss_mask = mask_truncated(loss_mask, torch.tensor([g.finish_reason == "length" for g in gens]))  # [N, Lc]
     group = torch.arange(N) // group_size  # [N]
     return TrainBatch(pids.to(device), pmask.to(device), cids.to(device), real.to(device), loss_mask.to(device),
-                      group.to(device), old.to(device), advantages.float().to(device))
+                      group.to(device), old.to(device), advantages.float().to(device), old.to(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,7 +591,9 @@ def grpo_step(tr: GRPOParts, step: int) -> StepResult:
     norms: list[float] = []
     entropy_sum = 0.0
     reuse_old = cfg.mu > 1 or cfg.minibatches > 1  # else the policy has not moved: ρ = 1 exactly
-    if reuse_old and tr.dtype != "fp32":  # the sampler's fp32 log-probs would differ by bf16 rounding
+    # the sampler's fp32 log-probs would differ by bf16 rounding; with TIS the trainer's own old
+    # log-probs are what the sampler's are compared with, so they are always recomputed
+    if reuse_old and (tr.dtype != "fp32" or cfg.tis_cap is not None):
         with timer("old_logprobs"):
             batch.old_logp = _no_grad_logprobs(tr.policy, batch, tr.device, tr.dtype, cfg.grad_accum, own)  # [N, Lc]
     for pass_ in range(cfg.mu):
@@ -660,7 +672,9 @@ def _backward_micro(tr: GRPOParts, batch: TrainBatch, idx: Tensor, ref_logp: Ten
         ref = ref_logp[idx, :Lc] if ref_logp is not None else None  # [n, Lc]
         loss, m = grpo_loss(logp, old, sub.advantages, sub.loss_mask, scale=scale,
                             aggregate=AGGREGATIONS[cfg.loss_aggregation], eps_low=cfg.eps_low,
-                            eps_high=cfg.eps_high, ref_logp=ref, beta=cfg.beta)
+                            eps_high=cfg.eps_high, ref_logp=ref, beta=cfg.beta,
+                            policy_loss=POLICY_LOSSES[cfg.policy_loss], sampler_logp=sub.sampler_logp,
+                            tis_cap=cfg.tis_cap)
         check_finite("GRPO loss", loss, step)
         loss.backward()
     out = {k: float(v) for k, v in m.items()}

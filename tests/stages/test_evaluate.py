@@ -121,6 +121,18 @@ def test_checkpoint_selection(run_inputs, tmp_path) -> None:
                      sampler_factory=_scripted_factory(tok))
 
 
+def test_dpo_checkpoint_is_found_only_when_the_stage_wrote_one(run_inputs, tmp_path) -> None:
+    # a disabled dpo stage leaves an artifact without checkpoint/: no `dpo` row; an enabled one is
+    # evaluated as `dpo`, after rl_reasoning and before the students
+    (tmp_path / "dpo").mkdir()
+    names = [r.name for r in evaluate.find_checkpoints({**run_inputs, "dpo": tmp_path / "dpo"})]
+    assert "dpo" not in names
+    tok = Tokenizer.load(run_inputs["base"] / "checkpoint" / "tokenizer")
+    save_tiny_checkpoint(tmp_path / "dpo" / "checkpoint", tok, dim=40)
+    names = [r.name for r in evaluate.find_checkpoints({**run_inputs, "dpo": tmp_path / "dpo"})]
+    assert names == ["base", "rl_zero", "sft", "rl_reasoning", "dpo", "student:s1", "baseline:s1"]
+
+
 def test_answer_keys_vote_by_value() -> None:
     assert evaluate.answer_key(trace("x", "1/2")) == evaluate.answer_key(trace("x", "0.5")) == "1/2"
     assert evaluate.answer_key(trace("x", "-3/4")) == "-3/4"

@@ -100,6 +100,26 @@ def test_grpo_raises_mean_reward(learned) -> None:
     assert summary["final_reward_mean"] > summary["initial_reward_mean"]
 
 
+@pytest.mark.parametrize("opts", [
+    dict(policy_loss="gspo"), dict(policy_loss="cispo"), dict(advantage="rloo"), dict(advantage="reinforce_pp"),
+    dict(tis_cap=2.0),
+], ids=["gspo", "cispo", "rloo", "reinforce_pp", "tis"])
+def test_objective_variants_raise_mean_reward(tok, tmp_path, opts) -> None:
+    # two mini-batches per step, so the second update sees ratios != 1 and the variants differ
+    # from plain policy gradient (μ = 1 with one mini-batch makes them all identical)
+    _, out = train(tok, tmp_path, steps=30, beta=0.04, minibatches=2, **opts)
+    reward = series(out, "reward_mean")
+    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
+    assert last > first + 0.15, (opts, first, last)
+    names = {r["name"] for r in pq.read_table(out / "metrics.parquet").to_pylist()}
+    assert {"entropy", "clip_low", "clip_high", "clip_frac"} <= names
+    if "tis_cap" in opts:
+        w = series(out, "tis_weight")
+        # fp32 on one CPU: the trainer's recomputed old log-probs equal the sampler's to rounding
+        assert w and all(abs(x - 1.0) < 1e-2 for x in w), w
+        assert all(0.0 <= x <= 1.0 for x in series(out, "tis_capped"))
+
+
 def test_kl_stays_bounded_with_a_strong_penalty(tok, learned, tmp_path) -> None:
     _, weak = learned
     _, strong = train(tok, tmp_path / "strong", steps=30, beta=2.0)
@@ -356,6 +376,22 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         GRPOConfig(group_size=1)
     with pytest.raises(Exception):
         GRPOConfig(loss_aggregation="mean")
+    with pytest.raises(Exception):
+        GRPOConfig(tis_cap=0.0)
+
+
+def test_config_names_come_from_the_registries() -> None:
+    from pydantic import ValidationError
+
+    from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+    for key, registry in (("policy_loss", POLICY_LOSSES), ("advantage", ADVANTAGES),
+                          ("loss_aggregation", AGGREGATIONS)):
+        for name in registry:
+            assert getattr(GRPOConfig(**{key: name}), key) == name
+        with pytest.raises(ValidationError) as e:
+            GRPOConfig(**{key: "nope"})
+        assert all(repr(n) in str(e.value) for n in registry), str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ stages
