@@ -50,7 +50,7 @@ def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
     assert after.config["sft"]["lr"] == 0.0007
     for up in ("problems", "base", "rl_zero", "cold_start"):
         assert after.stages[up] == before.stages[up]  # upstream untouched
-    for down in ("rl_reasoning", "rejection_sampling", "distill", "evaluate"):
+    for down in ("rl_reasoning", "rejection_sampling", "dpo", "distill", "evaluate"):
         assert after.stages[down].status == "stale"
     code, out = cli("runs", "--root", str(root))
     assert "stale" in out
