@@ -25,6 +25,14 @@ while its baseline trains `steps` more steps on the corpus, continuing where pha
 two then differ only in the data of those last `steps` steps. With `pretrain_steps = 0` students
 start untrained, which on a few hundred traces teaches the format but little arithmetic.
 
+`mode = "on_policy"` replaces SFT on the traces with on-policy distillation (GKD, Agarwal et al.
+2024; Lu et al. 2025, `stages/distill_loss.py`): each step the student samples one completion
+(temperature 1, up to `max_new_tokens`) for each of `batch_size` train prompts, the teacher scores
+every sampled token, and the per-token reverse KL log π_s − log π_t is the loss's per-token
+penalty. The teacher must read the student's ids as the same strings: a student whose tokenizer
+differs from the teacher's is an error. The held-out validation loss is still the cross-entropy on
+the teacher's traces, so the two modes are measured alike; the step budget (`steps`) is the same.
+
 Outputs: `students/<name>/` and `baselines/<name>/` (lm.checkpoint directories),
 `metrics.parquet` (student, step, name, value) with `student` = "<name>", "baseline:<name>" or
 "pretrain:<name>" (phase 1).
@@ -36,7 +44,9 @@ import re
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 import pyarrow as pa
 import torch
@@ -46,13 +56,18 @@ from artifacts.store import write_table
 from lm.chat_template import TEMPLATE_NAMES
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.model import MODEL_PRESETS, Transformer
+from lm.logprobs import token_logprobs
+from lm.sampler import TorchSampler
 from lm.tokenizer import Tokenizer
-from lm.train import make_optimizer, resolve_device
+from lm.train import autocast_context, check_finite, clip_grad, make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
-from stages.lm_training import (Batch, BatchPlan, Example, LossFn, Metrics, distill_loss_sum,
-                                fixed_batches, lm_loss_sum, new_model, read_pairs, read_text_columns, split_by_group,
-                                start_or_resume, tokenize_documents, train_loop)
+from stages.distill_loss import reverse_kl_loss
+from stages.lm_training import (Batch, BatchPlan, Example, LossFn, Metrics, collate, distill_loss_sum, encode_prompt,
+                                fixed_batches, lm_loss_sum, lr_schedule, new_model, read_pairs, read_text_columns,
+                                render_prompts, save_resume, split_by_group, start_or_resume, tokenize_documents,
+                                train_loop, validation_loss)
 from stages.metrics import METRICS_FIELDS
+from stages.sampling import check_prompt_lengths, read_problems, sampling_params, stage_seed
 
 INPUTS: tuple[str, ...] = ("rejection_sampling", "rl_reasoning", "problems")
 METRICS_SCHEMA = pa.schema([pa.field("student", pa.string(), nullable=False), *METRICS_FIELDS])
@@ -93,6 +108,9 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     students: list[StudentSpec] = Field(default_factory=lambda: [StudentSpec(name="tiny-student")])
+    mode: Literal["sft", "on_policy"] = Field("sft", description="sft: SFT on the teacher's traces; on_policy: "
+                                                                "the student samples, the teacher scores its tokens")
+    max_new_tokens: int = Field(128, ge=1, description="on_policy: tokens the student samples per prompt")
     baseline: bool = Field(True, description="also train each student on the base corpus alone")
     template: str | None = Field("r1_zero_short", description="chat template for the prompt column; "
                                                              "None = prompts are already rendered")
@@ -124,6 +142,13 @@ class Config(BaseModel):
             raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATE_NAMES)} (or None)")
         return v
 
+    @model_validator(mode="after")
+    def _mode(self) -> "Config":
+        if self.mode == "on_policy" and self.kd_weight > 0:
+            raise ValueError("kd_weight is the token-level KD term of mode = 'sft'; on_policy already "
+                             "matches the teacher token by token: set kd_weight = 0")
+        return self
+
     @field_validator("students")
     @classmethod
     def _unique(cls, v: list[StudentSpec]) -> list[StudentSpec]:
@@ -149,8 +174,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     if cfg.baseline or cfg.pretrain_steps > 0:
         corpus = _read_corpus(inputs["problems"] / "corpus.parquet", cfg, ctx)
 
-    summary: dict[str, Any] = {"students": len(cfg.students), "teacher_params": teacher.num_params()}
+    summary: dict[str, Any] = {"students": len(cfg.students), "teacher_params": teacher.num_params(),
+                               "mode": cfg.mode}
     tables = []
+    prompt_ids: list[list[int]] | None = None  # on_policy: the train prompts, encoded once
     for spec in cfg.students:
         seed = _student_seed(ctx.seed, spec.name)
         student, tok = _init_student(spec, teacher, teacher_tok, device, seed)
@@ -175,10 +202,18 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
         def loss_fn(model: Transformer, batch: Batch) -> torch.Tensor:
             return distill_loss_sum(model, teacher, batch, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
 
-        metrics = _train(spec.name, student, tok, train, val_batches, loss_fn, seed, cfg.steps, cfg, ctx)
+        if cfg.mode == "on_policy":
+            check_same_tokenizer(spec.name, tok, teacher_tok)
+            if prompt_ids is None:
+                prompt_ids = _train_prompt_ids(inputs["problems"], tok, cfg)
+            check_prompt_lengths(prompt_ids, cfg.max_new_tokens, student.config.max_seq_len)
+            metrics = _train_on_policy(spec.name, student, teacher, tok, prompt_ids, val_batches, seed, cfg, ctx)
+        else:
+            metrics = _train(spec.name, student, tok, train, val_batches, loss_fn, seed, cfg.steps, cfg, ctx)
         save_checkpoint(out / "students" / spec.name, student.eval(), tok,
                         {"stage": "distill", "role": "student", "model": spec.model, "init": spec.init,
-                         "kd_weight": cfg.kd_weight, "pretrain_steps": cfg.pretrain_steps, "steps": cfg.steps})
+                         "kd_weight": cfg.kd_weight, "pretrain_steps": cfg.pretrain_steps, "steps": cfg.steps,
+                         "mode": cfg.mode})
         tables.append(metrics.table(student=spec.name))
         summary.update(_headline(spec.name, student, metrics, teacher))
         summary[f"{spec.name}.examples"] = len(train)
@@ -221,6 +256,93 @@ def _train(name: str, model: Transformer, tok: Tokenizer, train: list[Example], 
     return train_loop(model, optimizer, train, plan, loss_fn, cfg, steps=steps, start=start, metrics=metrics,
                       pad_id=tok.pad_id, val_batches=val_batches, device=device, ctx=ctx,
                       label=f"distill {name}", state_dir=state_dir, data_offset=data_offset)
+
+
+def check_same_tokenizer(name: str, student: Tokenizer, teacher: Tokenizer) -> None:
+    """On-policy distillation scores the student's token ids with the teacher: both must map every
+    id to the same bytes (and the same special tokens). ValueError naming the first difference."""
+    if student.vocab_size != teacher.vocab_size:
+        raise ValueError(f"distill.mode = 'on_policy': student {name!r} has a tokenizer of {student.vocab_size} ids, "
+                         f"the teacher's has {teacher.vocab_size}; on-policy distillation needs the teacher's "
+                         "tokenizer (use mode = 'sft', which works across vocabularies)")
+    if student.special_tokens != teacher.special_tokens:
+        raise ValueError(f"distill.mode = 'on_policy': student {name!r} and the teacher have different special "
+                         "tokens; on-policy distillation needs the teacher's tokenizer (use mode = 'sft')")
+    for i in range(student.vocab_size):
+        if student.token_bytes(i) != teacher.token_bytes(i):
+            raise ValueError(f"distill.mode = 'on_policy': student {name!r}'s token {i} is "
+                             f"{student.token_bytes(i)!r}, the teacher's {teacher.token_bytes(i)!r}; on-policy "
+                             "distillation needs the teacher's tokenizer (use mode = 'sft')")
+
+
+def _train_prompt_ids(problems_dir: Path, tok: Tokenizer, cfg: Config) -> list[list[int]]:
+    """The train split's questions, rendered and encoded as sampling does."""
+    questions = [p.prompt for p in read_problems(problems_dir, "train")]
+    if not questions:
+        raise ValueError(f"{problems_dir}: no train problems for on-policy distillation to sample from")
+    return [encode_prompt(tok, text) for text in render_prompts(tok, questions, cfg.template)]
+
+
+def on_policy_batch(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """Prompt + sampled completion per row, right-padded; loss on the completion's tokens."""
+    examples = [Example(np.asarray(p + c, dtype=np.int64),
+                        np.concatenate([np.zeros(len(p), dtype=bool), np.ones(len(c), dtype=bool)]))
+                for p, c in zip(prompt_ids, completions)]
+    return collate(examples, pad_id)
+
+
+def _train_on_policy(name: str, student: Transformer, teacher: Transformer, tok: Tokenizer,
+                     prompt_ids: list[list[int]], val_batches: list[Batch], seed: int, cfg: Config,
+                     ctx: StageContext) -> Metrics:
+    """`cfg.steps` steps of on-policy distillation (see the module docstring).
+
+    Step s draws its prompts and sampling seed from (seed, s) alone, so a resumed run continues
+    exactly; warmup + cosine AdamW, gradient clipping, the resume state every `checkpoint_every`
+    steps, the validation loss at the end, as `lm_training.train_loop` does for SFT.
+    """
+    device = resolve_device(ctx.device)
+    student.to(device).train()
+    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay)
+    state_dir, start, metrics = start_or_resume(ctx, name.replace(":", "-"), student, optimizer, cfg.steps,
+                                                f"distill {name}")
+    sampler = TorchSampler(student, tok, max_batch_size=cfg.batch_size)
+    params = sampling_params(tok, max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, stop_at_answer=True)
+    dtype = "bf16" if cfg.autocast else "fp32"
+    n = min(cfg.batch_size, len(prompt_ids))
+    for step in ctx.progress(range(start, cfg.steps), desc=f"distill {name} (on-policy)", total=cfg.steps - start):
+        lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        idx = np.random.default_rng([seed, step]).choice(len(prompt_ids), size=n, replace=False)
+        prompts = [prompt_ids[int(i)] for i in idx]
+        student.eval()
+        gens = sampler.generate(prompts, params, stage_seed(seed, f"on-policy:{step}"))
+        student.train()
+        batch = on_policy_batch(prompts, [list(g.token_ids) for g in gens], tok.pad_id).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        with autocast_context(device, dtype):
+            s_logp = token_logprobs(student, batch.ids, batch.attention, batch.loss_mask)  # [B, T]
+            with torch.no_grad():
+                t_logp = token_logprobs(teacher, batch.ids, batch.attention, batch.loss_mask)  # [B, T]
+        loss, m = reverse_kl_loss(s_logp, t_logp, batch.loss_mask, batch.n_targets)
+        check_finite("on-policy distillation loss", loss, step)
+        loss.backward()
+        grad_norm = clip_grad(student, cfg.clip)
+        check_finite("grad_norm", grad_norm, step)
+        optimizer.step()
+        done = step + 1
+        metrics.add(step, loss=float(m["loss"]), reverse_kl=float(m["reverse_kl"]), lr=lr, grad_norm=grad_norm,
+                    completion_len=batch.n_targets / n, tokens=batch.n_tokens,
+                    tokens_per_s=batch.n_tokens / (time.perf_counter() - t))
+        if val_batches and done == cfg.steps:
+            metrics.add(done, val_loss=validation_loss(student, val_batches, autocast=cfg.autocast, device=device))
+        if done % cfg.log_every == 0:
+            ctx.log(f"distill {name}: step {done}/{cfg.steps} reverse KL "
+                    f"{metrics.tail_mean('reverse_kl', cfg.log_every):.4f} lr {lr:.2e}")
+        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_resume(state_dir, student, optimizer, done, metrics)
+    student.eval()
+    return metrics
 
 
 def _init_student(spec: StudentSpec, teacher: Transformer, teacher_tok: Tokenizer, device: str,

@@ -22,9 +22,10 @@ RL_ZERO_OPTIONS = [
     ('rl_zero.advantage="reinforce_pp"',),
     ("rl_zero.tis_cap=2.0", "rl_zero.mu=2"),
 ]
+FLOW_OPTIONS = RL_ZERO_OPTIONS + [("dpo.enabled=true", 'distill.mode="on_policy"')]
 
 
-@pytest.mark.parametrize("sets", RL_ZERO_OPTIONS, ids=lambda s: s[0].split("=")[1].strip('"'))
+@pytest.mark.parametrize("sets", RL_ZERO_OPTIONS, ids=lambda s: ",".join(x.replace('"', '') for x in s))
 def test_rl_zero_option_reruns_the_stage(micro_copy, sets) -> None:
     root, run_id = micro_copy
     args = [a for s in sets for a in ("--set", s)]
@@ -41,6 +42,22 @@ def test_rl_zero_option_reruns_the_stage(micro_copy, sets) -> None:
         assert {"tis_weight", "tis_capped"} <= names
 
 
+def test_dpo_and_on_policy_distill_then_evaluate(micro_copy) -> None:
+    root, run_id = micro_copy
+    code, out = cli("stage", "dpo", "--run", run_id, "--root", str(root), "--set", "dpo.enabled=true")
+    assert code == 0, out
+    code, out = cli("stage", "distill", "--run", run_id, "--root", str(root), "--set", 'distill.mode="on_policy"')
+    assert code == 0, out
+    record = RunStore(root).load(run_id)
+    assert record.stages["dpo"].summary["enabled"] is True
+    assert record.stages["distill"].summary["mode"] == "on_policy"
+    assert record.stages["evaluate"].status == "stale"
+    code, out = cli("stage", "evaluate", "--run", run_id, "--root", str(root))
+    assert code == 0, out
+    summary = RunStore(root).load(run_id).stages["evaluate"].summary
+    assert "dpo" in summary and 0.0 <= summary["dpo"]["pass@1"] <= 1.0
+
+
 def test_unknown_policy_loss_is_a_clear_error(micro_copy, capsys) -> None:
     root, run_id = micro_copy
     code, _ = cli("stage", "rl_zero", "--run", run_id, "--root", str(root), "--set", 'rl_zero.policy_loss="ppo2"')
@@ -50,9 +67,11 @@ def test_unknown_policy_loss_is_a_clear_error(micro_copy, capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sets", RL_ZERO_OPTIONS, ids=lambda s: s[0].split("=")[1].strip('"'))
+@pytest.mark.parametrize("sets", FLOW_OPTIONS, ids=lambda s: ",".join(x.replace('"', '') for x in s))
 def test_micro_run_with_each_option(tmp_path_factory, sets) -> None:
     root = tmp_path_factory.getbasetemp() / "options-root"  # shared: problems and base are reused
     args = [a for s in sets for a in ("--set", s)]
     summary = cli_json("run", "--preset", "micro", "--root", str(root), *args, "--json")
     assert summary["status"] == "succeeded"
+    if "dpo.enabled=true" in sets:
+        assert "dpo" in summary["stages"]["evaluate"]["summary"]
