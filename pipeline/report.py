@@ -1,7 +1,9 @@
 """`r1flow report RUN_ID`: a Markdown report with PNG plots of a run.
 
 Plots: the RL curves (reward, accuracy, format rate, language consistency, completion length over
-steps, rl_zero and rl_reasoning side by side) and the per-checkpoint evaluation as a bar chart.
+steps, rl_zero and rl_reasoning side by side), the per-checkpoint evaluation as a bar chart, and
+inference-time scaling (accuracy against generated tokens per problem for maj@k, weighted
+majority, best-of-k and pass@k at k = 1, 2, 4, ... K; evaluate's scaling.parquet).
 Everything is read from the run's artifacts (metrics.parquet in long format step/name/value,
 evaluate's summary.parquet), so the report is regenerated, never hand-edited.
 """
@@ -105,8 +107,47 @@ def _plot_eval(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return ["eval.png"]
 
 
+SCALING_METHODS = {"maj": "maj@k", "weighted_maj": "weighted maj@k (log-prob)", "best_of": "best-of-k (log-prob)",
+                   "pass": "pass@k"}
+
+
+def _plot_scaling(path: Path, out: Path) -> list[str]:
+    """One panel per method: accuracy against generated tokens per problem, a line per checkpoint."""
+    f = path / "scaling.parquet"
+    if not f.is_file():
+        return []
+    rows = pq.read_table(f).to_pylist()
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    fig, axes = plt.subplots(1, len(SCALING_METHODS), figsize=(4.2 * len(SCALING_METHODS), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, (method, title) in zip(axes[0], SCALING_METHODS.items()):
+        for ckpt in checkpoints:
+            pts = sorted((r["tokens_per_problem"], 100.0 * r["accuracy"]) for r in rows
+                         if r["checkpoint"] == ckpt and r["method"] == method)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", linewidth=1.5, label=ckpt)
+        ax.set_xscale("log", base=2)
+        ax.set_title(title)
+        ax.set_xlabel("generated tokens per problem")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("% correct")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+    return ["scaling.png"]
+
+
 # summary.parquet column -> the name reports show
-_DISPLAY = {"pass_at_1": "pass@1", "maj_at_k": "maj@k", "pass_at_k": "pass@k"}
+_DISPLAY = {"pass_at_1": "pass@1", "maj_at_k": "maj@k", "pass_at_k": "pass@k", "weighted_maj_at_k": "weighted_maj@k"}
 
 
 def eval_rows(path: Path) -> list[dict[str, Any]]:
@@ -117,10 +158,11 @@ def eval_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "greedy_accuracy", "format_rate",
-            "language_mix_rate", "mean_length"]
+    cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "weighted_maj@k", "best_of_k", "greedy_accuracy",
+            "format_rate", "language_mix_rate", "mean_length"]
     cols = [c for c in cols if rows and c in rows[0]]
-    pct = {"pass@1", "maj@k", "pass@k", "greedy_accuracy", "format_rate", "language_mix_rate"}
+    pct = {"pass@1", "maj@k", "weighted_maj@k", "best_of_k", "pass@k", "greedy_accuracy", "format_rate",
+           "language_mix_rate"}
 
     def fmt(c: str, v: Any) -> str:
         if v is None:
@@ -157,6 +199,11 @@ def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
         lines += ["", "## Evaluation", "", eval_table_markdown(rows)]
         if _plot_eval(rows, out):
             lines += ["", "![evaluation](eval.png)"]
+        if _plot_scaling(Path(ev.path), out):
+            lines += ["", "## Inference-time scaling", "",
+                      "Accuracy against generated tokens per problem at k = 1, 2, 4, ... samples "
+                      "(weighted vote and best-of-k score each sample by its length-normalised log-probability).",
+                      "", "![inference-time scaling](scaling.png)"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 

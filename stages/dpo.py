@@ -40,12 +40,14 @@ from artifacts.store import read_table, write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.logprobs import token_logprobs
 from lm.model import Transformer
-from lm.tokenizer import TEMPLATE_NAMES, Tokenizer
+from lm.chat_template import TEMPLATE_NAMES
+from lm.tokenizer import Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
 from stages.dpo_loss import DPO_LOSSES, dpo_loss, sequence_logps
-from stages.lm_training import (METRICS_SCHEMA, BatchPlan, Example, Metrics, collate, lr_schedule, render_prompts,
+from stages.lm_training import (BatchPlan, Example, Metrics, collate, lr_schedule, render_prompts,
                                 save_resume, start_or_resume, tokenize_pairs)
+from stages.metrics import METRICS_SCHEMA
 from stages.sampling import find_checkpoint
 
 INPUTS: tuple[str, ...] = ("rl_reasoning", "rejection_sampling")

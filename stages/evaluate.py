@@ -18,7 +18,12 @@ student and baseline found in distill's ``students/<name>/`` and ``baselines/<na
   measure exactly what it rewards). A body with no words to judge is not mixed;
 - mean_length: mean generated tokens per sample;
 - greedy_accuracy: one greedy (temperature 0) completion per problem (null when `greedy=false`);
-- params: the model's parameter count.
+- params: the model's parameter count;
+- inference-time scaling (Wu et al. 2024): for k = 1, 2, 4, ... K, maj@k, weighted majority vote
+  (a vote weighs exp of the sample's length-normalised log-probability), best-of-k by that
+  log-probability, and pass@k, each with the generated tokens per problem it costs (k × mean
+  length): `scaling.parquet`, and `weighted_maj@k` / `best_of_k` (k = K) in the summary
+  (`stages.metrics.scaling_curve`).
 
 All rates are fractions in [0, 1]. Every checkpoint sees the same problems and the same sampling
 seeds (common random numbers: differences between checkpoints are not seed noise). The test
@@ -26,9 +31,10 @@ problems are an evenly spaced subset of `max_problems` of the split, so they do 
 run seed either.
 
 Outputs: ``eval.parquet`` (one row per sample, greedy rows flagged), ``summary.parquet`` (one row
-per checkpoint), and the manifest summary CONTRACTS.md fixes:
+per checkpoint), ``scaling.parquet`` (checkpoint, k, method, accuracy, tokens_per_problem), and the
+manifest summary CONTRACTS.md fixes:
 ``{"<ckpt>": {"pass@1", "maj@k", "pass@k", "k", "format_rate", "language_mix_rate", "mean_length",
-"greedy_accuracy", "params"}, ..., "best_pass@1": x}``.
+"greedy_accuracy", "params", "weighted_maj@k", "best_of_k"}, ..., "best_pass@1": x}``.
 """
 from __future__ import annotations
 
@@ -71,6 +77,7 @@ EVAL_SCHEMA = pa.schema([
     pa.field("language_consistency", pa.float64()),
     pa.field("length", pa.int32(), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("logprob_mean", pa.float64()),  # length-normalised log-prob (null: the sampler gave none)
 ])
 SUMMARY_SCHEMA = pa.schema([
     pa.field("checkpoint", pa.string(), nullable=False),
@@ -84,8 +91,18 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("greedy_accuracy", pa.float64()),
     pa.field("params", pa.int64(), nullable=False),
     pa.field("problems", pa.int32(), nullable=False),
+    pa.field("weighted_maj_at_k", pa.float64()),
+    pa.field("best_of_k", pa.float64()),
 ])
-SCHEMAS: dict[str, pa.Schema] = {"eval.parquet": EVAL_SCHEMA, "summary.parquet": SUMMARY_SCHEMA}
+SCALING_SCHEMA = pa.schema([
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),  # maj | weighted_maj | best_of | pass
+    pa.field("accuracy", pa.float64(), nullable=False),
+    pa.field("tokens_per_problem", pa.float64(), nullable=False),
+])
+SCHEMAS: dict[str, pa.Schema] = {"eval.parquet": EVAL_SCHEMA, "summary.parquet": SUMMARY_SCHEMA,
+                                 "scaling.parquet": SCALING_SCHEMA}
 
 
 class Config(BaseModel):
@@ -170,13 +187,31 @@ def grade(completions: list[str], problems: list[Problem], language_min_words: i
     }
 
 
-def checkpoint_metrics(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]], k: int,
-                       params: int) -> dict[str, Any]:
-    """The manifest's per-checkpoint metrics from its eval rows (see the module docstring)."""
+def _groups(sampled: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     by_problem: dict[str, list[dict[str, Any]]] = {}
     for r in sampled:
         by_problem.setdefault(r["problem_id"], []).append(r)
-    groups = [sorted(g, key=lambda r: r["sample"]) for g in by_problem.values()]
+    return [sorted(g, key=lambda r: r["sample"]) for g in by_problem.values()]
+
+
+def scaling_rows(name: str, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`scaling.parquet` rows of one checkpoint: each method at k = 1, 2, 4, ... K (a sample without
+    a log-prob scores 0, i.e. votes with weight 1)."""
+    groups = _groups(sampled)
+    curve = metrics.scaling_curve([([r["predicted"] for r in g],
+                                    [r["logprob_mean"] if r["logprob_mean"] is not None else 0.0 for r in g],
+                                    [r["correct"] for r in g]) for g in groups])
+    mean_len = float(np.mean([r["length"] for r in sampled]))
+    return [{"checkpoint": name, "k": row["k"], "method": m, "accuracy": row[m], "tokens_per_problem": row["k"] * mean_len}
+            for row in curve for m in ("maj", "weighted_maj", "best_of", "pass")]
+
+
+def checkpoint_metrics(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]], k: int,
+                       params: int) -> dict[str, Any]:
+    """The manifest's per-checkpoint metrics from its eval rows (see the module docstring)."""
+    groups = _groups(sampled)
+    weights = [[float(np.exp(r["logprob_mean"])) if r["logprob_mean"] is not None else 1.0 for r in g] for g in groups]
+    scores = [[r["logprob_mean"] if r["logprob_mean"] is not None else 0.0 for r in g] for g in groups]
     return {
         "pass@1": float(np.mean([metrics.pass_at_1([r["correct"] for r in g]) for g in groups])),
         "maj@k": float(np.mean([metrics.maj_at_k([r["predicted"] for r in g], [r["correct"] for r in g], k)
@@ -188,6 +223,11 @@ def checkpoint_metrics(sampled: list[dict[str, Any]], greedy: list[dict[str, Any
         "mean_length": float(np.mean([r["length"] for r in sampled])),
         "greedy_accuracy": float(np.mean([r["correct"] for r in greedy])) if greedy else None,
         "params": int(params),
+        "weighted_maj@k": float(np.mean([metrics.weighted_maj_at_k([r["predicted"] for r in g], w,
+                                                                   [r["correct"] for r in g], k)
+                                         for g, w in zip(groups, weights)])),
+        "best_of_k": float(np.mean([metrics.best_of_k(s, [r["correct"] for r in g], k)
+                                    for g, s in zip(groups, scores)])),
     }
 
 
@@ -211,6 +251,7 @@ def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx:
         for i, (p, c) in enumerate(flat):
             rows.append({"checkpoint": ref.name, "problem_id": p.id, "sample": c.sample, "greedy": is_greedy,
                          "completion": c.text, "length": c.n_tokens, "finish_reason": c.finish_reason,
+                         "logprob_mean": c.logprob_mean,
                          **{key: values[i] for key, values in graded.items()}})
     del sampler, model
     gc.collect()
@@ -245,10 +286,12 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
             + (" + greedy" if cfg.greedy else ""))
 
     all_rows: list[dict[str, Any]] = []
+    scaling: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for ref in refs:
         rows, m = _evaluate_one(ref, problems, cfg, ctx, seed, sampler_factory)
         all_rows += rows
+        scaling += scaling_rows(ref.name, [r for r in rows if not r["greedy"]])
         summary[ref.name] = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in m.items()}
         ctx.log(f"evaluate: {ref.name}: pass@1 {m['pass@1']:.3f}, maj@{cfg.k} {m['maj@k']:.3f}, "
                 f"format {m['format_rate']:.3f}, language mix {m['language_mix_rate']:.3f}")
@@ -256,7 +299,9 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     table_rows = [{"checkpoint": name, "pass_at_1": m["pass@1"], "maj_at_k": m["maj@k"], "pass_at_k": m["pass@k"],
                    "k": m["k"], "format_rate": m["format_rate"], "language_mix_rate": m["language_mix_rate"],
                    "mean_length": m["mean_length"], "greedy_accuracy": m["greedy_accuracy"], "params": m["params"],
-                   "problems": len(problems)} for name, m in summary.items()]
+                   "problems": len(problems), "weighted_maj_at_k": m["weighted_maj@k"], "best_of_k": m["best_of_k"]}
+                  for name, m in summary.items()]
     write_table(pa.Table.from_pylist(table_rows, schema=SUMMARY_SCHEMA), out / "summary.parquet", SUMMARY_SCHEMA)
+    write_table(pa.Table.from_pylist(scaling, schema=SCALING_SCHEMA), out / "scaling.parquet", SCALING_SCHEMA)
     summary["best_pass@1"] = max(m["pass@1"] for m in summary.values())
     return summary

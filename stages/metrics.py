@@ -14,6 +14,13 @@ Where from:
   that appears FIRST in sample order (deterministic, and independent of how answers sort as
   strings). Samples with no extractable answer do not vote; if none votes, the problem counts as
   wrong.
+- Weighted majority vote and best-of-k (Wu et al. 2024, "Inference Scaling Laws", §3: voting
+  weighted by a score, and best-of-n by a score). The score here is the model's own confidence, the
+  length-normalised log-probability of the sample, mean_t log π(o_t); a vote weighs
+  exp(mean_t log π(o_t)), the per-token geometric-mean probability (in (0, 1], so every vote
+  counts positively). An outcome reward model's score slots into the same functions.
+- `scaling_curve`: each method at k = 1, 2, 4, ... K, averaged over the ⌊K/k⌋ disjoint blocks of k
+  samples of each problem (pass@k uses Chen et al.'s estimator over all K samples instead).
 
 Training curves: every training stage writes `metrics.parquet` in one long format,
 `METRICS_SCHEMA` (step, name, value), so `r1flow report` reads them all the same way.
@@ -109,3 +116,84 @@ def maj_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int
     if winner is None:
         return False
     return bool(next(ok for a, ok in zip(answers[:k], correct[:k]) if a == winner))
+
+
+def weighted_majority_vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> Hashable | None:
+    """The non-None answer with the largest summed weight; a tie goes to the answer seen first."""
+    if len(answers) != len(weights):
+        raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
+    totals: dict[Hashable, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + float(w)
+    if not totals:
+        return None
+    best = max(totals.values())
+    return next(a for a, t in totals.items() if t == best)
+
+
+def _graded(answers: Sequence[Hashable | None], correct: Sequence[bool], winner: Hashable | None) -> bool:
+    if winner is None:
+        return False
+    return bool(next(ok for a, ok in zip(answers, correct) if a == winner))
+
+
+def weighted_maj_at_k(answers: Sequence[Hashable | None], weights: Sequence[float], correct: Sequence[bool],
+                      k: int) -> bool:
+    """Whether the weighted-majority answer of the first k samples is correct (as `maj_at_k`)."""
+    if not len(answers) == len(weights) == len(correct):
+        raise ValueError("answers, weights and correct must align")
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"need 1 <= k <= {len(answers)}, got k={k}")
+    return _graded(answers[:k], correct[:k], weighted_majority_vote(answers[:k], weights[:k]))
+
+
+def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> bool:
+    """Whether the highest-scoring of the first k samples is correct (ties: the first of them)."""
+    if len(scores) != len(correct):
+        raise ValueError(f"{len(scores)} scores but {len(correct)} correctness flags")
+    if not 1 <= k <= len(scores):
+        raise ValueError(f"need 1 <= k <= {len(scores)}, got k={k}")
+    best = max(range(k), key=lambda i: (scores[i], -i))
+    return bool(correct[best])
+
+
+def scaling_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def scaling_curve(problems: Sequence[tuple[Sequence[Hashable | None], Sequence[float], Sequence[bool]]],
+                  ) -> list[dict[str, float]]:
+    """Inference-time scaling of one checkpoint: per k, maj@k, weighted maj@k, best-of-k, pass@k.
+
+    Args:
+        problems: per problem (answers, log-prob scores, correct), its K samples in sample order
+            (every problem the same K). The score is the length-normalised log-probability; a vote
+            weighs exp(score).
+    Returns:
+        one row per k in `scaling_ks(K)`: {"k", "maj", "weighted_maj", "best_of", "pass"}, each the
+        mean over problems of the mean over the problem's disjoint blocks of k samples.
+    """
+    if not problems:
+        raise ValueError("scaling_curve needs at least one problem")
+    n = len(problems[0][0])
+    if any(len(a) != n for a, _, _ in problems):
+        raise ValueError("every problem needs the same number of samples")
+    rows = []
+    for k in scaling_ks(n):
+        per: dict[str, list[float]] = {"maj": [], "weighted_maj": [], "best_of": []}
+        for answers, scores, correct in problems:
+            weights = [float(np.exp(s)) for s in scores]
+            blocks = [slice(b * k, (b + 1) * k) for b in range(n // k)]
+            per["maj"].append(np.mean([maj_at_k(answers[sl], correct[sl], k) for sl in blocks]))
+            per["weighted_maj"].append(np.mean([weighted_maj_at_k(answers[sl], weights[sl], correct[sl], k)
+                                                for sl in blocks]))
+            per["best_of"].append(np.mean([best_of_k(scores[sl], correct[sl], k) for sl in blocks]))
+        rows.append({"k": k, **{m: float(np.mean(v)) for m, v in per.items()},
+                     "pass": mean_pass_at_k([(n, int(sum(c))) for _, _, c in problems], k)})
+    return rows

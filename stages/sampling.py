@@ -46,6 +46,8 @@ class Completion:
         n_tokens: generated tokens, the stop token included.
         finish_reason: "stop" (end-of-text or a stop token) or "length" (cut at max_new_tokens).
         token_ids: the generated ids (what TRL passes rewards as `completion_ids`).
+        logprob_mean: mean log-probability of the generated tokens under the model (temperature 1,
+            as the sampler reports them); None when the sampler reported none.
     """
 
     prompt_index: int
@@ -54,6 +56,7 @@ class Completion:
     n_tokens: int
     finish_reason: str
     token_ids: tuple[int, ...] = ()
+    logprob_mean: float | None = None
 
 
 def stage_seed(seed: int, stream: str) -> int:
@@ -163,8 +166,10 @@ def sample_completions(
 
 
 def _completion(tokenizer: Tokenizer, g: Generation, i: int, j: int) -> Completion:
+    lp = list(g.logprobs or [])
     return Completion(prompt_index=i, sample=j, text=completion_text(tokenizer, g),
-                      n_tokens=len(g.token_ids), finish_reason=g.finish_reason, token_ids=tuple(g.token_ids))
+                      n_tokens=len(g.token_ids), finish_reason=g.finish_reason, token_ids=tuple(g.token_ids),
+                      logprob_mean=sum(lp) / len(lp) if lp else None)
 
 
 def find_checkpoint(directory: Path) -> Path:

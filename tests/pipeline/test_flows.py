@@ -86,6 +86,8 @@ def test_report_writes_markdown_and_plots(micro_run, tmp_path):
     assert "| pass@1 | maj@k | pass@k |" in md  # the headline metrics, not only the secondary ones
     assert (tmp_path / "rl_curves.png").stat().st_size > 5000
     assert (tmp_path / "eval.png").stat().st_size > 5000
+    assert "## Inference-time scaling" in md and "weighted_maj@k" in md
+    assert (tmp_path / "scaling.png").stat().st_size > 5000
 
 
 def test_bad_user_problem_file_is_a_clear_error(tmp_path, capsys):

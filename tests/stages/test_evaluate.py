@@ -32,7 +32,7 @@ SCRIPTS = {
     "baseline:s1": (56, {T1: [R1, W1], T2: [W2]}, {}),
 }
 CONTRACT_KEYS = {"pass@1", "maj@k", "pass@k", "k", "format_rate", "language_mix_rate", "mean_length",
-                 "greedy_accuracy", "params"}
+                 "greedy_accuracy", "params", "weighted_maj@k", "best_of_k"}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,9 @@ def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path)
     assert z["format_rate"] == 1.0
     assert z["language_mix_rate"] == pytest.approx(1 / 8)     # MIX1 only
     assert z["greedy_accuracy"] == pytest.approx(0.5)         # t1 R1 right, t2 W2 wrong
+    # the scripted sampler reports log-prob 0 for every token: equal weights, so the weighted vote
+    # is the plain one, and best-of-k by log-prob picks the first sample (t1 R1 right, t2 W2 wrong)
+    assert z["weighted_maj@k"] == pytest.approx(0.5) and z["best_of_k"] == pytest.approx(0.5)
 
     b = summary["base"]
     # t1: UNTAGGED1 x2 (correct, bad format) W1 x2 -> 2/4; t2: W2 x4 -> 0/4
@@ -104,6 +107,14 @@ def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path)
         assert m["mean_length"] == pytest.approx(np.mean([r["length"] for r in sampled]), abs=1e-6)
         assert table[name]["pass_at_1"] == pytest.approx(m["pass@1"]) and table[name]["problems"] == 2
         assert table[name]["params"] == m["params"] > 0
+    assert all(r["logprob_mean"] == 0.0 for r in rows)
+    scaling = pq.read_table(tmp_path / "scaling.parquet").to_pylist()
+    assert len(scaling) == 6 * 3 * 4  # checkpoints x k in (1, 2, 4) x methods
+    zs = {(r["k"], r["method"]): r for r in scaling if r["checkpoint"] == "rl_zero"}
+    # k = 1: every method is the mean correctness; k = 4: the summary's maj@k and pass@k
+    assert {zs[(1, m)]["accuracy"] for m in ("maj", "weighted_maj", "best_of", "pass")} == {0.5}
+    assert zs[(4, "maj")]["accuracy"] == z["maj@k"] and zs[(4, "pass")]["accuracy"] == z["pass@k"]
+    assert zs[(2, "maj")]["tokens_per_problem"] == pytest.approx(2 * z["mean_length"])
     mix_row = next(r for r in rows if r["checkpoint"] == "rl_zero" and r["completion"] == MIX1)
     assert mix_row["language_mixed"] and mix_row["correct"] and mix_row["predicted"] == "2"
     dec_row = next(r for r in rows if r["completion"] == R2_DEC)

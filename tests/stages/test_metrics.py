@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from stages import metrics
 from stages.metrics import maj_at_k, majority_vote, mean_pass_at_k, pass_at_1, pass_at_k
 
 
@@ -70,3 +71,44 @@ def test_maj_at_k_grades_the_winning_answer() -> None:
     assert maj_at_k([None, None], [False, False], k=2) is False
     with pytest.raises(ValueError):
         maj_at_k(["1"], [True, False], k=1)
+
+
+# ------------------------------------------------------------------------- inference-time scaling
+
+
+def test_weighted_majority_vote_hand_worked() -> None:
+    # "3" has two votes of .2 (sum .4), "5" one vote of .9: the plain majority says 3, the weighted 5
+    answers, weights = ["3", "5", "3", None], [0.2, 0.9, 0.2, 5.0]
+    assert metrics.majority_vote(answers) == "3"
+    assert metrics.weighted_majority_vote(answers, weights) == "5"
+    # a tie (.5 + .5 vs 1.0) goes to the answer seen first
+    assert metrics.weighted_majority_vote(["7", "8", "7"], [0.5, 1.0, 0.5]) == "7"
+    assert metrics.weighted_majority_vote([None, None], [1.0, 1.0]) is None
+    assert metrics.weighted_maj_at_k(answers, weights, [False, True, False, False], 3) is True
+    assert metrics.weighted_maj_at_k(answers, weights, [False, True, False, False], 1) is False
+
+
+def test_best_of_k_hand_worked() -> None:
+    # scores -.5, -.1, -.1, -2: among the first 3 the best is -.1, first at index 1 (correct)
+    scores, correct = [-0.5, -0.1, -0.1, -2.0], [False, True, False, False]
+    assert metrics.best_of_k(scores, correct, 3) is True
+    assert metrics.best_of_k(scores, correct, 1) is False
+
+
+def test_scaling_curve_hand_worked() -> None:
+    # one problem, K = 4 samples: answers 1 (wrong), 2 (right), 2 (right), 1 (wrong)
+    # log-prob scores -1, -3, -3, -0.1 -> weights e^-1 = .368, e^-3 = .050, .050, e^-.1 = .905
+    # k = 1: blocks {0},{1},{2},{3}: maj = weighted = best = right in 2 of 4 -> .5; pass@1 = 2/4
+    # k = 2: blocks {0,1}: maj tie -> first seen "1" wrong; weighted .368 vs .050 -> "1" wrong;
+    #           best score -1 (sample 0) wrong. {2,3}: maj tie -> "2" right; weighted .050 vs .905
+    #           -> "1" wrong; best -.1 (sample 3) wrong  => maj .5, weighted 0, best_of 0
+    #        pass@2 = 1 - C(2,2)/C(4,2) = 1 - 1/6
+    # k = 4: maj 2-2 tie -> "1" (first) wrong; weighted "1": .368 + .905 vs "2": .1 -> wrong;
+    #        best -.1 wrong; pass@4 = 1
+    rows = metrics.scaling_curve([(["1", "2", "2", "1"], [-1.0, -3.0, -3.0, -0.1], [False, True, True, False])])
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert rows[0] == {"k": 1, "maj": 0.5, "weighted_maj": 0.5, "best_of": 0.5, "pass": 0.5}
+    assert rows[1]["maj"] == 0.5 and rows[1]["weighted_maj"] == 0.0 and rows[1]["best_of"] == 0.0
+    assert rows[1]["pass"] == pytest.approx(1 - 1 / 6)
+    assert rows[2] == {"k": 4, "maj": 0.0, "weighted_maj": 0.0, "best_of": 0.0, "pass": 1.0}
+    assert metrics.scaling_ks(6) == [1, 2, 4, 6] and metrics.scaling_ks(1) == [1]
