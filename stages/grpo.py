@@ -77,11 +77,13 @@ from lm.checkpoint import save_resume as save_resume_state
 from lm.model import Transformer
 from lm.sampler import Generation, Sampler, SamplingParams, TorchSampler, completion_text
 from lm.tokenizer import Tokenizer
-from lm.logprobs import completion_logprobs
+from lm.logprobs import completion_logprobs, padding_layout
 from lm.train import (autocast_context, check_finite, clip_grad, fast_fp32_matmul, lr_at, make_optimizer,
                       resolve_dtype_name, set_lr, training_precision)
+from lm.value import ValueModel
 from stages.context import StageContext
-from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, grpo_loss, mask_truncated
+from stages.grpo_loss import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, clipped_value_loss, gae_advantages,
+                              grpo_loss, mask_truncated, outcome_token_rewards, whiten)
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import (Problem, check_prompt_lengths, choose, encode_prompts, load_policy, read_problems,
                              sample_completions, sampling_params, stage_seed)
@@ -114,7 +116,12 @@ class GRPOConfig(BaseModel):
     # objective
     # the accepted names are the registries' keys (stages/grpo_loss.py)
     policy_loss: Literal[tuple(POLICY_LOSSES)] = "clip"  # clip (PPO token clip) | gspo | cispo
-    advantage: Literal[tuple(ADVANTAGES)] = "group"  # group | batch | none (Dr. GRPO) | rloo | reinforce_pp
+    # group | batch | none (Dr. GRPO) | rloo | reinforce_pp | gae (PPO: learned critic, GAE, clipped value loss)
+    advantage: Literal[tuple(ADVANTAGES) + ("gae",)] = "group"
+    gae_gamma: float = Field(1.0, ge=0.0, le=1.0)  # gae: discount γ
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)  # gae: λ
+    value_clip: float = Field(0.2, gt=0.0)  # gae: ε_v of the clipped value loss
+    vf_coef: float = Field(0.1, gt=0.0)  # gae: weight of the value loss (one optimizer for policy + critic, as TRL)
     advantage_eps: float = Field(1e-4, ge=0.0)
     loss_aggregation: Literal[tuple(AGGREGATIONS)] = "sequence_mean"
     tis_cap: float | None = Field(None, gt=0.0)  # truncated importance sampling sampler -> trainer; None = off
@@ -448,6 +455,8 @@ class TrainBatch:
     old_logp: Tensor  # [N, Lc] old-policy log-probs (the sampler's, or the trainer's recomputed), 0 on padding
     advantages: Tensor  # [N]
     sampler_logp: Tensor  # [N, Lc] the sampler's log-probs as it reported them, 0 on padding
+    returns: Tensor | None = None  # [N, Lc] gae: the critic's regression targets
+    old_values: Tensor | None = None  # [N, Lc] gae: the values the advantages were computed with
 
     def rows(self, idx: Tensor) -> "TrainBatch":
         """The completions `idx` with just their prompts, cut to their longest prompt/completion."""
@@ -456,9 +465,11 @@ class TrainBatch:
         Lc = _round_up(max(int(real.sum(dim=1).max()), 1), real.shape[1])
         pmask = self.prompt_mask[groups]  # [g, Lp]
         Lp = _round_up(int(pmask.sum(dim=1).max()), pmask.shape[1])
+        adv = self.advantages[idx]
+        per_token = (lambda x: None if x is None else x[idx, :Lc])  # noqa: E731
         return TrainBatch(self.prompt_ids[groups, -Lp:], pmask[:, -Lp:], self.completion_ids[idx, :Lc], real[:, :Lc],
-                          self.loss_mask[idx, :Lc], inv, self.old_logp[idx, :Lc], self.advantages[idx],
-                          self.sampler_logp[idx, :Lc])
+                          self.loss_mask[idx, :Lc], inv, self.old_logp[idx, :Lc], adv if adv.dim() == 1 else adv[:, :Lc],
+                          self.sampler_logp[idx, :Lc], per_token(self.returns), per_token(self.old_values))
 
 
 def build_batch(prompt_ids: Sequence[list[int]], gens: Sequence[Generation], group_size: int,
@@ -484,6 +495,23 @@ def build_batch(prompt_ids: Sequence[list[int]], gens: Sequence[Generation], gro
     group = torch.arange(N) // group_size  # [N]
     return TrainBatch(pids.to(device), pmask.to(device), cids.to(device), real.to(device), loss_mask.to(device),
                       group.to(device), old.to(device), advantages.float().to(device), old.to(device))
+
+
+def completion_values(critic: ValueModel, b: TrainBatch) -> Tensor:
+    """V(s_t) of the state before each completion token t (the prompt's last state for t = 0).
+
+    The critic reads prompt + completion as one row (prompt left-padded, completion right-padded:
+    positions and key mask from `lm.logprobs.padding_layout`), once per completion.
+
+    Returns:
+        [N, Lc] float32 values, 0 on padding.
+    """
+    ids = torch.cat([b.prompt_ids[b.group], b.completion_ids], dim=1)  # [N, Lp+Lc]
+    attn = torch.cat([b.prompt_mask[b.group], b.completion_real], dim=1)  # [N, Lp+Lc]
+    positions, key_mask = padding_layout(attn)
+    v = critic(ids, positions=positions, key_mask=key_mask)  # [N, Lp+Lc]
+    Lp, Lc = b.prompt_ids.shape[1], b.completion_ids.shape[1]
+    return v[:, Lp - 1:Lp - 1 + Lc] * b.completion_real  # [N, Lc]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,6 +555,14 @@ class GRPOParts:
     dtype: str = "fp32"  # training precision: "bf16" = autocast for the training and reference forwards
     seed: int = 0
     updates: int = 0  # optimizer steps taken (drives the LR schedule)
+    critic: ValueModel | None = None  # advantage = "gae" only; `optimizer` then also holds its parameters
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What the optimizer updates and the resume state holds: the policy, or policy + critic."""
+        if self.critic is None:
+            return self.policy
+        return torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
 
     @property
     def total_updates(self) -> int:
@@ -579,8 +615,16 @@ def grpo_step(tr: GRPOParts, step: int) -> StepResult:
         return StepResult(metrics, ro, [], dict(timer.seconds))
 
     rewards = torch.tensor(ro.totals, dtype=torch.float64).view(-1, G)  # [P, G]
-    adv = ADVANTAGES[cfg.advantage](rewards, cfg.advantage_eps).values.flatten()  # [P*G]
-    batch = build_batch(ro.prompt_ids, ro.gens, G, adv, tr.tokenizer.pad_id, cfg.mask_truncated, tr.device)
+    if tr.critic is None:
+        adv = ADVANTAGES[cfg.advantage](rewards, cfg.advantage_eps).values.flatten()  # [P*G]
+        batch = build_batch(ro.prompt_ids, ro.gens, G, adv, tr.tokenizer.pad_id, cfg.mask_truncated, tr.device)
+    else:  # PPO: per-token GAE advantages from the critic
+        batch = build_batch(ro.prompt_ids, ro.gens, G, torch.zeros(len(ro.gens)), tr.tokenizer.pad_id,
+                            cfg.mask_truncated, tr.device)
+        with timer("values"):
+            gae_metrics = _gae_batch(tr, batch, rewards.flatten())
+        metrics.update(gae_metrics)
+        adv = batch.advantages[:, 0].detach().cpu()  # [N] the first token's, for rollouts.parquet
 
     own = own_rows(ro.num_groups, G).to(batch.group.device)  # this rank's rows (all in one process)
     ref_logp = None
@@ -620,6 +664,25 @@ def grpo_step(tr: GRPOParts, step: int) -> StepResult:
     metrics["lr"] = tr.optimizer.param_groups[0]["lr"]
     metrics["step_time"] = time.perf_counter() - t0
     return StepResult(metrics, ro, adv.tolist(), dict(timer.seconds))
+
+
+def _gae_batch(tr: GRPOParts, batch: TrainBatch, rewards: Tensor) -> dict[str, float]:
+    """Old values, GAE advantages (whitened over the loss tokens) and returns into `batch`."""
+    cfg = tr.cfg
+    rows = torch.arange(batch.completion_ids.shape[0], device=batch.completion_ids.device)  # [N]
+    old = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)  # [N, Lc]
+    with torch.inference_mode(), autocast_context(tr.device, tr.dtype):
+        for idx in _micro_batches(batch, rows, cfg.grad_accum):
+            if idx.numel():
+                v = completion_values(tr.critic, batch.rows(idx))  # [n, lc]
+                old[idx, :v.shape[1]] = v.float()
+    real = batch.completion_real  # [N, Lc]
+    token_r = outcome_token_rewards(rewards.float().to(old.device), real)  # [N, Lc]
+    adv, returns = gae_advantages(token_r, old, real, cfg.gae_gamma, cfg.gae_lambda)  # [N, Lc] each
+    batch.advantages = whiten(adv, batch.loss_mask)  # [N, Lc]
+    batch.returns, batch.old_values = returns, old
+    n = real.sum().clamp(min=1)
+    return {"value_mean": float((old * real).sum() / n), "return_mean": float((returns * real).sum() / n)}
 
 
 def _minibatch_rows(n: int, minibatches: int, seed: int, step: int, pass_: int) -> list[Tensor]:
@@ -677,6 +740,14 @@ def _backward_micro(tr: GRPOParts, batch: TrainBatch, idx: Tensor, ref_logp: Ten
                             tis_cap=cfg.tis_cap)
         check_finite("GRPO loss", loss, step)
         loss.backward()
+        if tr.critic is not None:
+            with autocast_context(tr.device, tr.dtype):
+                values = completion_values(tr.critic, sub)  # [n, Lc]
+            vloss, vm = clipped_value_loss(values, sub.old_values, sub.returns, sub.loss_mask, clip=cfg.value_clip,
+                                           scale=scale, aggregate=AGGREGATIONS[cfg.loss_aggregation])
+            check_finite("value loss", vloss, step)
+            (cfg.vf_coef * vloss).backward()
+            m = m | vm
     out = {k: float(v) for k, v in m.items()}
     out["loss"] = out["policy_loss"] + out.get("kl_loss", 0.0)
     out["entropy_sum"] = float(-(logp.detach() * sub.loss_mask).sum())
@@ -686,8 +757,8 @@ def _backward_micro(tr: GRPOParts, batch: TrainBatch, idx: Tensor, ref_logp: Ten
 def _optimizer_update(tr: GRPOParts, step: int) -> float:
     """Clip, guard, set the scheduled LR, step, zero the gradients; returns the pre-clip norm."""
     cfg = tr.cfg
-    distributed.all_reduce_grads(tr.policy)  # several ranks: the sum of their rows' gradients
-    norm = clip_grad(tr.policy, cfg.max_grad_norm)
+    distributed.all_reduce_grads(tr.trained)  # several ranks: the sum of their rows' gradients
+    norm = clip_grad(tr.trained, cfg.max_grad_norm)
     check_finite("gradient norm", norm, step)
     warmup = cfg.warmup_steps * cfg.updates_per_step
     set_lr(tr.optimizer, cfg.lr * lr_at(tr.updates, warmup, tr.total_updates, cfg.min_lr_ratio))
@@ -786,14 +857,14 @@ RESUME_DIR = "grpo_resume"
 
 
 def save_resume(run_dir: Path, tr: GRPOParts, step: int, rollouts: list[dict], metrics: list[dict]) -> None:
-    """Policy + optimizer + step + prompt cursor + rows so far (`lm.checkpoint.save_resume`)."""
+    """Policy (and critic) + optimizer + step + prompt cursor + rows so far (`lm.checkpoint.save_resume`)."""
     extra = {"cursor": tr.stream.cursor, "updates": tr.updates, "rollouts": rollouts, "metrics": metrics}
-    save_resume_state(run_dir / RESUME_DIR, tr.policy, tr.optimizer, step, extra)
+    save_resume_state(run_dir / RESUME_DIR, tr.trained, tr.optimizer, step, extra)
 
 
 def load_resume(run_dir: Path, tr: GRPOParts) -> tuple[int, list[dict], list[dict]] | None:
     """Restore the newest resume state into `tr`; returns (step, rollout rows, metric rows) or None."""
-    resumed = load_resume_state(run_dir / RESUME_DIR, tr.policy, tr.optimizer)
+    resumed = load_resume_state(run_dir / RESUME_DIR, tr.trained, tr.optimizer)
     if resumed is None:
         return None
     step, extra = resumed
@@ -822,9 +893,15 @@ def make_parts(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, probl
         sampler = TorchSampler(policy, tokenizer, max_batch_size=cfg.prompts_per_step * cfg.group_size)
     params = sampling_params(tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, stop_at_answer=cfg.stop_at_answer)
+    critic = None
+    if cfg.advantage == "gae":  # PPO's critic: a copy of the starting policy with a value head
+        critic = ValueModel(copy.deepcopy(policy)).to(device).train()
+        optimizer = make_optimizer(torch.nn.ModuleDict({"policy": policy, "critic": critic}), cfg.lr,
+                                   cfg.weight_decay, cfg.adam_betas)
     return GRPOParts(cfg, policy, reference, tokenizer, sampler, optimizer, scorer, problems, prompts, prompt_ids,
                    PromptStream(len(problems), stage_seed(seed, "grpo-prompts")), params, device,
-                   training_precision(device, resolve_dtype_name(dtype, device), cfg.autocast), seed)
+                   training_precision(device, resolve_dtype_name(dtype, device), cfg.autocast), seed,
+                   critic=critic)
 
 
 def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train: list[Problem],

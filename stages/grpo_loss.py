@@ -13,6 +13,8 @@ Where from:
   (Hu et al. 2025, "REINFORCE++", §3.2: group mean subtracted, then normalised over the batch).
 - Sequence-level ratio and clipping: GSPO (Zheng et al. 2025, eq. 5-7, the GSPO-token form eq. 13).
 - Clipped, stop-gradient importance weight on every token's log-prob: CISPO (MiniMax-M1, 2025, eq. 4-5).
+- PPO with a learned critic: generalized advantage estimation (Schulman et al. 2016, "GAE", eq. 16)
+  and the clipped value loss of PPO2 (as in OpenAI baselines / TRL's PPO trainer).
 - Truncated importance sampling between the sampler's and the trainer's log-probs: Yao et al. 2025
   ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", eq. 2; verl `tis_imp_ratio_cap`).
 
@@ -146,7 +148,94 @@ ADVANTAGES: dict[str, AdvantageFn] = {
 
 
 # --------------------------------------------------------------------------------------------------
+# PPO with a critic: per-token advantages
+
+
+def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """An outcome reward as a per-token reward: all of it on each completion's last real token.
+
+    Args:
+        rewards: [B] one scalar per completion; mask: [B, T] 1 on the completion's real tokens
+            (contiguous from t = 0).
+    Returns:
+        [B, T] zeros except r_B at t = |o| − 1 (a completion with no token gets none).
+    """
+    lengths = mask.sum(dim=1).long()  # [B]
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)  # [B, T]
+    rows = torch.nonzero(lengths > 0).squeeze(1)  # [b]
+    out[rows, lengths[rows] - 1] = rewards[rows]
+    return out
+
+
+def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+                   lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16):
+
+        δ_t = r_t + γ V_{t+1} − V_t,    A_t = Σ_l (γλ)^l δ_{t+l},    returns R_t = A_t + V_t
+
+    with V = 0 after a completion's last token (the episode ends there). λ = 1 gives Monte-Carlo
+    returns minus the value baseline; λ = 0 one-step TD.
+
+    Args:
+        token_rewards: [B, T] per-token rewards (`outcome_token_rewards`); values: [B, T] critic
+            values V(s_t) of the state before token t (old critic, no grad); mask: [B, T] 0/1.
+        gamma, lam: discount γ and GAE λ, in [0, 1].
+    Returns:
+        (advantages [B, T], returns [B, T]), 0 on padding.
+    """
+    m = mask.to(values.dtype)  # [B, T]
+    v = values.detach() * m  # [B, T]
+    T = v.shape[1]
+    adv = torch.zeros_like(v)  # [B, T]
+    running = v.new_zeros(v.shape[0])  # [B]
+    for t in reversed(range(T)):
+        next_v = v[:, t + 1] if t + 1 < T else v.new_zeros(v.shape[0])  # [B]
+        next_m = m[:, t + 1] if t + 1 < T else v.new_zeros(v.shape[0])  # [B]
+        delta = token_rewards[:, t] + gamma * next_v - v[:, t]  # [B]
+        running = delta + gamma * lam * next_m * running  # [B]
+        adv[:, t] = running
+    adv = adv * m
+    return adv, (adv + v) * m  # [B, T], [B, T]
+
+
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the unmasked entries (PPO's advantage normalisation), 0 on padding."""
+    m = mask.to(values.dtype)  # [B, T]
+    n = m.sum().clamp(min=1)
+    mean = (values * m).sum() / n  # []
+    var = (((values - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)  # [] unbiased
+    return (values - mean) / (var.sqrt() + eps) * m  # [B, T]
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float,
+                       scale: LossScale, aggregate: "Aggregation") -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO2's clipped value loss: 0.5 · max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²), so a
+    value moving further than ε_v from the old one gets no gradient when that makes it worse.
+
+    Args:
+        values: [b, T] critic values (with grad); old_values: [b, T] those the advantages used;
+        returns: [b, T] GAE returns; mask: [b, T] 0/1; clip: ε_v > 0; scale, aggregate: as grpo_loss.
+    Returns:
+        (loss, metrics): metrics `value_loss` and `value_clip_frac` (tokens where the clipped
+        branch was taken), additive over micro-batches.
+    """
+    m = mask.to(values.dtype)  # [b, T]
+    old = old_values.detach()
+    clipped = old + torch.clamp(values - old, -clip, clip)  # [b, T]
+    plain_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2  # [b, T] each
+    loss = aggregate(0.5 * torch.maximum(plain_sq, clipped_sq), m, scale)  # []
+    n_tok = max(scale.num_tokens, 1)
+    frac = ((clipped_sq > plain_sq).to(m.dtype) * m).sum() / n_tok
+    return loss, {"value_loss": loss.detach(), "value_clip_frac": frac.detach()}
+
+
+# --------------------------------------------------------------------------------------------------
 # Per-token pieces
+
+
+def _per_token(advantages: Tensor) -> Tensor:
+    """[B] per-completion advantages as [B, 1] (shared by the tokens); [B, T] per-token ones (GAE) as is."""
+    return advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
 
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
@@ -159,7 +248,7 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_lo
     Args:
         logp: [B, T] log-probs of the sampled tokens under the policy being trained (with grad).
         old_logp: [B, T] log-probs under the policy that sampled them (no grad needed).
-        advantages: [B] one advantage per completion, shared by its tokens.
+        advantages: [B] one advantage per completion, shared by its tokens, or [B, T] per token (GAE).
         eps_low, eps_high: clip range below and above 1 (ε_high > ε_low is DAPO's clip-higher).
         mask: [B, T] unused (every token is its own unit); accepted for the `POLICY_LOSSES` signature.
     Returns:
@@ -168,7 +257,7 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_lo
         tokens whose gradient the clip switched off.
     """
     ratio = torch.exp(logp - old_logp)  # [B, T]
-    adv = advantages.unsqueeze(1)  # [B, 1]
+    adv = _per_token(advantages)  # [B, 1] or [B, T]
     unclipped = ratio * adv  # [B, T]
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # [B, T]
     loss = -torch.minimum(unclipped, clipped)  # [B, T]
@@ -231,7 +320,7 @@ def cispo_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low:
     del mask
     ratio = torch.exp(logp - old_logp).detach()  # [B, T]
     weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
-    loss = -weight * advantages.unsqueeze(1) * logp  # [B, T]
+    loss = -weight * _per_token(advantages) * logp  # [B, T]
     return loss, ratio < 1.0 - eps_low, ratio > 1.0 + eps_high
 
 

@@ -102,8 +102,8 @@ def test_grpo_raises_mean_reward(learned) -> None:
 
 @pytest.mark.parametrize("opts", [
     dict(policy_loss="gspo"), dict(policy_loss="cispo"), dict(advantage="rloo"), dict(advantage="reinforce_pp"),
-    dict(tis_cap=2.0),
-], ids=["gspo", "cispo", "rloo", "reinforce_pp", "tis"])
+    dict(tis_cap=2.0), dict(advantage="gae"),
+], ids=["gspo", "cispo", "rloo", "reinforce_pp", "tis", "gae"])
 def test_objective_variants_raise_mean_reward(tok, tmp_path, opts) -> None:
     # two mini-batches per step, so the second update sees ratios != 1 and the variants differ
     # from plain policy gradient (μ = 1 with one mini-batch makes them all identical)
@@ -113,6 +113,11 @@ def test_objective_variants_raise_mean_reward(tok, tmp_path, opts) -> None:
     assert last > first + 0.15, (opts, first, last)
     names = {r["name"] for r in pq.read_table(out / "metrics.parquet").to_pylist()}
     assert {"entropy", "clip_low", "clip_high", "clip_frac"} <= names
+    if opts.get("advantage") == "gae":
+        assert {"value_loss", "value_clip_frac", "value_mean", "return_mean"} <= names
+        # the critic learns the reward: its mean value moves from 0 toward the mean return
+        values, returns = series(out, "value_mean"), series(out, "return_mean")
+        assert values[0] == 0.0 and abs(values[-1] - returns[-1]) < abs(values[0] - returns[0]), (values, returns)
     if "tis_cap" in opts:
         w = series(out, "tis_weight")
         # fp32 on one CPU: the trainer's recomputed old log-probs equal the sampler's to rounding
@@ -189,8 +194,10 @@ def killing_progress(after: int):
     return progress
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tok, tmp_path) -> None:
-    cfg = dict(steps=7, checkpoint_every=2, beta=0.04, eval_every=3, mu=2, minibatches=2)
+@pytest.mark.parametrize("advantage", ["group", "gae"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tok, tmp_path, advantage) -> None:
+    # with gae the critic's weights and its optimizer moments are part of the resume state
+    cfg = dict(steps=7, checkpoint_every=2, beta=0.04, eval_every=3, mu=2, minibatches=2, advantage=advantage)
     _, full = train(tok, tmp_path / "full", quiet_ctx(run_dir=tmp_path / "run_full"), **cfg)
     run_dir = tmp_path / "run_crash"
     with pytest.raises(Killed):  # dies during step 6: the last checkpoint is after step 4

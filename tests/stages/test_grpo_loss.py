@@ -8,8 +8,9 @@ import torch
 
 from stages.grpo_loss import (
     ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, batch_std_advantages, cispo_surrogate, clipped_surrogate,
-    constant_normalizer, group_std_advantages, grpo_loss, gspo_surrogate, k3_kl, mask_truncated, no_std_advantages,
-    reinforce_pp_advantages, rloo_advantages, sequence_mean, tis_weights, token_mean,
+    clipped_value_loss, constant_normalizer, gae_advantages, group_std_advantages, grpo_loss, gspo_surrogate, k3_kl,
+    mask_truncated, no_std_advantages, outcome_token_rewards, reinforce_pp_advantages, rloo_advantages, sequence_mean,
+    tis_weights, token_mean, whiten,
 )
 
 
@@ -409,3 +410,66 @@ def test_grpo_loss_needs_ref_when_beta_positive() -> None:
     x = torch.zeros(1, 1)
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(x, x, torch.zeros(1), torch.ones(1, 1), scale=LossScale.of(torch.ones(1, 1), 1), beta=0.1)
+
+
+# ------------------------------------------------------------------------------ PPO with a critic
+
+
+def test_outcome_token_rewards_puts_the_reward_on_the_last_token() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    out = outcome_token_rewards(torch.tensor([2.0, -1.0, 5.0]), mask)
+    close(out, [[0, 0, 2.0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_gae_hand_worked() -> None:
+    # V = .5, .6, .7, rewards 0, 0, 1 (outcome on the last token), γ = 1, λ = .5:
+    #   δ2 = 1 + 0 - .7 = .3                 A2 = .3
+    #   δ1 = 0 + .7 - .6 = .1                A1 = .1 + .5 · .3 = .25
+    #   δ0 = 0 + .6 - .5 = .1                A0 = .1 + .5 · .25 = .225
+    #   returns A + V = .725, .85, 1.0; the padded 4th token stays 0
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    r = outcome_token_rewards(torch.tensor([1.0]), mask)
+    adv, ret = gae_advantages(r, values, mask, gamma=1.0, lam=0.5)
+    close(adv, [[0.225, 0.25, 0.3, 0.0]], tol=1e-6)
+    close(ret, [[0.725, 0.85, 1.0, 0.0]], tol=1e-6)
+    # λ = 1: Monte-Carlo return (1 everywhere) minus V -> .5, .4, .3; λ = 0: one-step δ -> .1, .1, .3
+    close(gae_advantages(r, values, mask, 1.0, 1.0)[0], [[0.5, 0.4, 0.3, 0.0]], tol=1e-6)
+    close(gae_advantages(r, values, mask, 1.0, 0.0)[0], [[0.1, 0.1, 0.3, 0.0]], tol=1e-6)
+    # γ = .5, λ = 1: discounted return .25, .5, 1 minus V -> -.25, -.1, .3
+    close(gae_advantages(r, values, mask, 0.5, 1.0)[0], [[-0.25, -0.1, 0.3, 0.0]], tol=1e-6)
+
+
+def test_whiten_hand_worked() -> None:
+    # unmasked 1, 2, 3: mean 2, unbiased std 1 -> -1, 0, 1; the masked 100 becomes 0
+    close(whiten(torch.tensor([[1.0, 2.0], [3.0, 100.0]]), torch.tensor([[1, 1], [1, 0]]), eps=0.0),
+          [[-1.0, 0.0], [1.0, 0.0]])
+
+
+def test_clipped_value_loss_hand_worked() -> None:
+    # ε_v = .2, token mean over 3 tokens:
+    #   V 1.0, old .5, R .6: clipped V .7; (.4)² = .16 vs (.1)² = .01 -> .16 (plain branch), .5 · .16 = .08
+    #   V .55, old .5, R 1.0: inside, clipped = V -> (.45)² = .2025 -> .10125
+    #   V .9, old .5, R 1.0: clipped .7; (.1)² = .01 vs (.3)² = .09 -> clipped branch .045, no gradient
+    # loss (.08 + .10125 + .045) / 3 = .075417; value_clip_frac 1/3
+    v = torch.tensor([[1.0, 0.55, 0.9]], requires_grad=True)
+    mask = torch.ones(1, 3)
+    loss, m = clipped_value_loss(v, torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[0.6, 1.0, 1.0]]), mask,
+                                 clip=0.2, scale=LossScale.of(mask, 3), aggregate=token_mean)
+    close(loss, (0.08 + 0.10125 + 0.045) / 3, tol=1e-6)
+    close(m["value_clip_frac"], 1 / 3)
+    # d/dV of .5 (V - R)² / 3 = (V - R) / 3: .4/3, -.45/3, and 0 on the clipped token
+    loss.backward()
+    close(v.grad, [[0.4 / 3, -0.45 / 3, 0.0]], tol=1e-6)
+
+
+def test_policy_losses_take_per_token_advantages() -> None:
+    # [B, T] advantages (GAE) broadcast like [B] ones: a row of equal per-token advantages gives the
+    # same loss as the per-completion advantage
+    logp, old = _ratios([1.5, 0.5, 1.1])
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    mask = torch.ones(3, 1)
+    for fn in POLICY_LOSSES.values():
+        a, _, _ = fn(logp, old, adv, 0.2, 0.28, mask)
+        b, _, _ = fn(logp, old, adv.unsqueeze(1), 0.2, 0.28, mask)
+        close(b, a.detach(), tol=1e-6)
