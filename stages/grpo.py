@@ -453,7 +453,7 @@ class TrainBatch:
     loss_mask: Tensor  # [N, Lc] float, tokens that carry loss (truncated rows zeroed if asked)
     group: Tensor  # [N] long, prompt row of each completion
     old_logp: Tensor  # [N, Lc] old-policy log-probs (the sampler's, or the trainer's recomputed), 0 on padding
-    advantages: Tensor  # [N]
+    advantages: Tensor  # [N], or [N, Lc] per token (gae)
     sampler_logp: Tensor  # [N, Lc] the sampler's log-probs as it reported them, 0 on padding
     returns: Tensor | None = None  # [N, Lc] gae: the critic's regression targets
     old_values: Tensor | None = None  # [N, Lc] gae: the values the advantages were computed with
@@ -466,7 +466,10 @@ class TrainBatch:
         pmask = self.prompt_mask[groups]  # [g, Lp]
         Lp = _round_up(int(pmask.sum(dim=1).max()), pmask.shape[1])
         adv = self.advantages[idx]
-        per_token = (lambda x: None if x is None else x[idx, :Lc])  # noqa: E731
+
+        def per_token(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[idx, :Lc]
+
         return TrainBatch(self.prompt_ids[groups, -Lp:], pmask[:, -Lp:], self.completion_ids[idx, :Lc], real[:, :Lc],
                           self.loss_mask[idx, :Lc], inv, self.old_logp[idx, :Lc], adv if adv.dim() == 1 else adv[:, :Lc],
                           self.sampler_logp[idx, :Lc], per_token(self.returns), per_token(self.old_values))

@@ -20,6 +20,7 @@ RL_ZERO_OPTIONS = [
     ('rl_zero.policy_loss="cispo"',),
     ('rl_zero.advantage="rloo"',),
     ('rl_zero.advantage="reinforce_pp"',),
+    ('rl_zero.advantage="gae"',),
     ("rl_zero.tis_cap=2.0", "rl_zero.mu=2"),
 ]
 FLOW_OPTIONS = RL_ZERO_OPTIONS + [("dpo.enabled=true", 'distill.mode="on_policy"')]
