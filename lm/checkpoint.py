@@ -1,11 +1,18 @@
-"""Checkpoints as safetensors + JSON: loading one never runs pickled code.
+"""Checkpoints as Hugging Face model directories: loading one never runs pickled code.
 
-Layout of a checkpoint directory (nanochat's checkpoint_manager idea: weights, config and metadata
-side by side, compatibility checks in one loader):
+Layout of a checkpoint directory (what `AutoModelForCausalLM.from_pretrained`, vLLM and lighteval
+load as is; nanochat's checkpoint_manager idea of weights, config and metadata side by side, with
+compatibility checks in one loader):
 
-    model.safetensors   the Transformer's state_dict (Meta names; no output.weight when tied)
-    config.json         {"format", "model": ModelConfig, "dtype", "meta": caller's dict}
-    tokenizer/          Tokenizer.save (a rank file, or a reference to a builtin encoding)
+    config.json             a LlamaConfig / Qwen2Config (`lm.hf_write.hf_config`)
+    generation_config.json  BOS / EOS / PAD
+    model.safetensors       the weights under HF names, q/k rows in HF's rotate-half layout
+    tokenizer.json          the HF fast tokenizer equivalent to r1flow's tiktoken encoding
+    tokenizer_config.json   special tokens by role, add_bos_token, the chat template
+    r1flow.json             r1flow's own: {"format", "dtype", "meta": caller's dict}
+
+Loading converts back through `lm.hf`'s name map and rotary un-permutation, then checks every
+tensor against the config (names, shapes, the dtype `r1flow.json` declares).
 
 Resume state for training (optimizer moments, step, RNG states) is written beside it, also
 without pickle: tensors in `train_state.safetensors`, everything else in `train_state.json`.
@@ -33,14 +40,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from lm.model import ModelConfig, ModelConfigError, Transformer, shape_mismatches
+from lm.model import ModelConfig, Transformer, shape_mismatches
 from lm.tokenizer import Tokenizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "load_training_state", "save_resume", "load_resume",
-           "CheckpointError", "resolve_dtype", "read_safetensors", "export_state_dict", "expected_shapes"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_tokenizer", "read_meta", "is_checkpoint", "read_weights",
+           "save_training_state", "load_training_state", "save_resume", "load_resume", "CheckpointError",
+           "resolve_dtype", "read_safetensors", "export_state_dict", "expected_shapes"]
 
-FORMAT = "r1flow-checkpoint-v1"
-WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
+FORMAT = "r1flow-checkpoint-v2"
+WEIGHTS, CONFIG, META = "model.safetensors", "config.json", "r1flow.json"
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -66,7 +74,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `target`; on success it replaces `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -113,21 +121,25 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None,
                     meta: dict[str, Any] | None = None) -> Path:
-    """Write `model.safetensors`, `config.json` (with `meta`, which must be JSON-able) and
-    `tokenizer/` atomically into `directory`. Returns the directory."""
+    """Write `directory` atomically as a Hugging Face model directory (see the module docstring)
+    with `meta` (which must be JSON-able) in `r1flow.json`. Returns the directory."""
+    from lm.hf_write import hf_files, hf_tensors
+
     target = Path(directory)
     sd = export_state_dict(model)
     dtypes = {v.dtype for v in sd.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"mixed parameter dtypes {sorted(map(str, dtypes))}; cast the model first")
-    config = {"format": FORMAT, "model": model.config.to_dict(), "dtype": _dtype_name(dtypes.pop()),
-              "meta": meta or {}}
-    text = json.dumps(config, indent=1, sort_keys=True)  # fails early on a non-JSON meta
-    with _atomic_dir(target) as tmp:
-        (tmp / WEIGHTS).write_bytes(st_save({k: v.cpu() for k, v in sd.items()}, metadata={"format": "pt"}))
-        (tmp / CONFIG).write_text(text)
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
+    dtype = dtypes.pop()
+    own = json.dumps({"format": FORMAT, "dtype": _dtype_name(dtype), "meta": meta or {}},
+                     indent=1, sort_keys=True)  # fails early on a non-JSON meta
+    files = hf_files(model.config, tokenizer, dtype)
+    tensors = hf_tensors(sd, model.config)
+    with atomic_dir(target) as tmp:
+        (tmp / WEIGHTS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        (tmp / META).write_text(own)
     return target
 
 
@@ -145,61 +157,92 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
 
     Raises:
         CheckpointError: missing directory/files, a pickle file instead of safetensors, unknown
-            format, missing or unexpected tensors, wrong shapes, wrong dtypes.
+            format, missing or unexpected tensors, wrong shapes, wrong dtypes, a tokenizer larger
+            than the embedding.
     """
+    from lm.gguf import LoadError
+    from lm.hf import _r1flow_name, hf_model_config, hf_state_dict, load_hf_tokenizer
+
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
-    config = _read_config(d)
-    cfg = model_config(config["model"], f"{d / CONFIG}: model")  # sizes checked before anything is built
+    own = _read_meta(d)
     try:
-        stored = resolve_dtype(config["dtype"])
+        stored = resolve_dtype(own["dtype"])
     except ValueError as err:
-        raise CheckpointError(f"{d / CONFIG}: dtype: {err}") from None
-    tensors = read_safetensors(d / WEIGHTS)
-    _validate_tensors(tensors, cfg, stored, d / WEIGHTS)
+        raise CheckpointError(f"{d / META}: dtype: {err}") from None
+    try:
+        cfg = hf_model_config(_read_json(d / CONFIG))  # sizes checked before anything is built
+        tensors = read_safetensors(d / WEIGHTS)
+        _validate_tensors({_r1flow_name(k): v for k, v in tensors.items()}, cfg, stored, d / WEIGHTS)
+        sd = hf_state_dict(tensors, cfg, dtype=None)
+        tokenizer = load_hf_tokenizer(d) if (d / "tokenizer.json").is_file() else None
+    except LoadError as err:
+        raise CheckpointError(f"{d}: {err}") from err
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     target = stored if dtype == "auto" else resolve_dtype(dtype)
     model = model.to(device=device, dtype=target).eval()
-    tok_dir = d / TOKENIZER_DIR
-    tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{d}: tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{cfg.vocab_size} embedding rows")
-    return model, tokenizer, config["meta"]
+    return model, tokenizer, own["meta"]
 
 
-def model_config(fields: Any, where: str) -> ModelConfig:
-    """`ModelConfig` from a checkpoint's `model` entry; CheckpointError naming a bad field."""
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{where}: expected a JSON object, got {type(fields).__name__}")
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint alone (its `tokenizer.json`), without loading the weights."""
+    from lm.gguf import LoadError
+    from lm.hf import load_hf_tokenizer
+
+    d = Path(directory)
+    _read_meta(d)
+    if not (d / "tokenizer.json").is_file():
+        raise CheckpointError(f"{d} has no tokenizer (tokenizer.json is missing)")
     try:
-        return ModelConfig.from_dict(fields)
-    except ModelConfigError as err:
-        raise CheckpointError(f"{where}.{err}") from None
-    except ValueError as err:  # dim not divisible by n_heads, ...
-        raise CheckpointError(f"{where}: {err}") from None
+        return load_hf_tokenizer(d)
+    except LoadError as err:
+        raise CheckpointError(f"{d}: {err}") from err
 
 
-def _read_config(d: Path) -> dict[str, Any]:
-    path = d / CONFIG
-    if not path.is_file():
-        pickles = sorted(p.name for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
-        raise CheckpointError(f"{d} is not an r1flow checkpoint: {CONFIG} is missing{hint}")
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The caller's `meta` dict of a checkpoint (from `r1flow.json`), without loading weights."""
+    return _read_meta(Path(directory))["meta"]
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` holds an r1flow checkpoint (an `r1flow.json` of this format)."""
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        _read_meta(Path(directory))
+    except CheckpointError:
+        return False
+    return True
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    fmt = config.get("format") if isinstance(config, dict) else None
+
+
+def _read_meta(d: Path) -> dict[str, Any]:
+    path = d / META
+    if not path.is_file():
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES) if d.is_dir() else []
+        hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
+        raise CheckpointError(f"{d} is not an r1flow checkpoint: {META} is missing{hint}")
+    own = _read_json(path)
+    fmt = own.get("format") if isinstance(own, dict) else None
     if fmt != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (expected {FORMAT!r})")
-    for key in ("model", "dtype", "meta"):
-        if key not in config:
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (expected {FORMAT!r}; "
+                              "checkpoints of older r1flow versions are not read: rerun the stage)")
+    for key in ("dtype", "meta"):
+        if key not in own:
             raise CheckpointError(f"{path} lacks the {key!r} entry")
-    return config
+    return own
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -230,7 +273,7 @@ def _validate_tensors(tensors: dict[str, Tensor], cfg: ModelConfig, dtype: torch
     for name, t in tensors.items():
         if t.dtype != dtype:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected {dtype} "
-                                  "(as declared in config.json)")
+                                  f"(as declared in {META})")
 
 
 # ---- training state for resume ------------------------------------------------------------------
@@ -271,7 +314,7 @@ def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     }
     text = json.dumps(doc)
     target = Path(directory)
-    with _atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         (tmp / STATE_TENSORS).write_bytes(st_save(tensors))
         (tmp / STATE_JSON).write_text(text)
     return target

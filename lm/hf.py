@@ -195,8 +195,9 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """HF tensors under r1flow's names, q/k rows (and biases) unpermuted to Meta's rotary layout."""
+                  dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """HF tensors under r1flow's names, q/k rows (and biases) unpermuted to Meta's rotary layout,
+    cast to `dtype` (None keeps the stored dtypes)."""
     sd: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed
@@ -208,7 +209,7 @@ def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
             t = unpermute_rotary(t, cfg.n_heads)
         elif ".attention.wk." in ours:
             t = unpermute_rotary(t, cfg.n_kv_heads)
-        sd[ours] = t.to(dtype)
+        sd[ours] = t if dtype is None else t.to(dtype)
     return sd
 
 

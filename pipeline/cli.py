@@ -9,6 +9,7 @@
     r1flow serve
     r1flow generate --model SOURCE --prompt TEXT
     r1flow verify RUN_ID | ARTIFACT_DIR
+    r1flow export SOURCE OUT --format hf|gguf|peft [--dtype fp32|bf16|f16|q8_0] [--merge-lora] [--force]
 
 Every verb takes `--root DIR` (default `$R1FLOW_ROOT` or ./r1flow-data). Errors the user can fix
 (bad config, missing artifact, bad input file) print one clear message and exit 2.
@@ -112,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--json", action="store_true")
     _add_root(p)
+
+    p = sub.add_parser("export", help="write a model for transformers / vLLM (hf), llama.cpp (gguf) or PEFT")
+    p.add_argument("source", help="what `generate --model` takes: RUN_ID/STAGE, a student, a checkpoint dir, ...")
+    p.add_argument("out", type=Path, help="output directory (hf, peft) or .gguf file")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "f16", "q8_0"],
+                   help="weights' type (q8_0: GGUF only; default fp32)")
+    p.add_argument("--merge-lora", action="store_true", help="SOURCE is a PEFT adapter: merge it into its base")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_root(p)
     return parser
 
 
@@ -149,6 +160,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "schedule": _dispatch("pipeline.schedule", "cmd_schedule"),
     "serve": _dispatch("pipeline.schedule", "cmd_serve"),
     "generate": _dispatch("pipeline.generate", "cmd_generate"),
+    "export": _dispatch("pipeline.export", "cmd_export"),
 }
 
 
@@ -158,7 +170,7 @@ def _is_user_error(e: Exception) -> bool:
         return True
     lm_errors = []
     for module, name in (("lm.gguf", "LoadError"), ("lm.checkpoint", "CheckpointError"),
-                         ("lm.model", "ModelConfigError")):
+                         ("lm.model", "ModelConfigError"), ("pipeline.export", "ExportError")):
         mod = sys.modules.get(module)  # only if already imported: no torch import just to check
         if mod is not None and hasattr(mod, name):
             lm_errors.append(getattr(mod, name))

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from artifacts.store import write_table
+from lm.checkpoint import load_tokenizer
 from lm.tokenizer import Tokenizer
 from rewards import accuracy_reward, format_reward
 from stages import filters
@@ -211,7 +212,7 @@ def _file_rows(cfg: Config, inputs: dict[str, Path]) -> tuple[list[dict[str, Any
                 raise ValueError(f"cold-start file {cfg.path} {r['where']}: {k!r} must be text, "
                                  f"got {type(r[k]).__name__}")
     known = {p.prompt.strip(): p for split in ("train", "test") for p in _split_or_empty(inputs["problems"], split)}
-    tok = Tokenizer.load(find_checkpoint(inputs["rl_zero"]) / "tokenizer")
+    tok = load_tokenizer(find_checkpoint(inputs["rl_zero"]))
     rows, empty = [], 0
     per_prompt: Counter[str] = Counter()
     for r in raw:

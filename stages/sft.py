@@ -14,7 +14,7 @@ clipping and accumulation, optional LoRA adapters (`lm.lora`, merged into the sa
 a held-out validation slice whose loss is logged every `eval_every` steps.
 
 Outputs: `checkpoint/` and `metrics.parquet` (step, name, value: loss, lr, grad_norm, tokens_per_s,
-val_loss). Resumes from `ctx.run_dir` with the same result as an uninterrupted run.
+val_loss); with LoRA also `adapter/`, the adapters alone in PEFT's format. Resumes from `ctx.run_dir` with the same result as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from artifacts.store import write_table
 from lm.chat_template import TEMPLATE_NAMES
 from lm.checkpoint import load_checkpoint, save_checkpoint
-from lm.lora import LoraConfig, apply_lora, lora_parameters
+from lm.lora import ADAPTER_DIR, LoraConfig, apply_lora, lora_parameters, save_adapters
 from lm.train import make_optimizer, resolve_device
 from stages.context import StageContext
 from stages.lm_training import (BatchPlan, fixed_batches, lm_loss_sum, read_pairs, split_by_group,
@@ -93,9 +93,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     ctx.log(f"sft: {len(train)} training / {len(val_idx)} validation examples, {steps} steps "
             f"({report.truncated} truncated, {report.dropped_empty + report.dropped_prompt_too_long} dropped)")
 
-    if cfg.lora_rank > 0:
+    lora = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets)) if cfg.lora_rank else None
+    if lora is not None:
         torch.manual_seed(ctx.seed)  # the adapters' initial A matrices
-        apply_lora(model, LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets)))
+        apply_lora(model, lora)
         ctx.log(f"sft: LoRA rank {cfg.lora_rank}: {sum(p.numel() for p in lora_parameters(model)):,} "
                 "trainable parameters")
     model.train()
@@ -111,7 +112,9 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
 
     model.eval()
     meta = {"stage": "sft", "base": base_meta, "steps": steps, "lora_rank": cfg.lora_rank}
-    save_checkpoint(out / "checkpoint", model, tok, meta)  # LoRA adapters are merged on export
+    save_checkpoint(out / "checkpoint", model, tok, meta)  # LoRA adapters are merged into the weights
+    if lora is not None:  # and kept alone too, in PEFT's format, for `r1flow export --format peft`
+        save_adapters(out / ADAPTER_DIR, model, lora)
     write_table(metrics.table(), out / "metrics.parquet", METRICS_SCHEMA)
     return {
         "final_val_loss": metrics.last("val_loss"),

@@ -1,4 +1,5 @@
-"""Checkpoints: bit-exact round trip, clear errors on malformed files, resumable training state."""
+"""Checkpoints (Hugging Face model directories): bit-exact round trip, clear errors on malformed
+files, resumable training state."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def test_round_trip_is_bit_exact(make_model, tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "r1flow.json",
+                     "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "qwen2"  # q/k/v biases
 
 
 def test_dtype_choice_and_bf16_round_trip(make_model, tmp_path):
@@ -69,25 +72,25 @@ def _rewrite_weights(path, edit):
 
 
 def test_missing_tensor(saved):
-    _rewrite_weights(saved, lambda t: t.pop("layers.1.feed_forward.w3.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.feed_forward\.w3\.weight"):
+    _rewrite_weights(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
         load_checkpoint(saved)
 
 
 def test_wrong_shape(saved):
-    _rewrite_weights(saved, lambda t: t.update({"norm.weight": torch.ones(31)}))
-    with pytest.raises(CheckpointError, match=r"'norm.weight' has shape \(31,\), expected \(32,\)"):
+    _rewrite_weights(saved, lambda t: t.update({"model.norm.weight": torch.ones(31)}))
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(31,\), expected \(32,\)"):
         load_checkpoint(saved)
 
 
 def test_wrong_dtype(saved):
-    _rewrite_weights(saved, lambda t: t.update({"norm.weight": torch.ones(32, dtype=torch.float16)}))
-    with pytest.raises(CheckpointError, match=r"'norm.weight' has dtype torch.float16, expected torch.float32"):
+    _rewrite_weights(saved, lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.float16)}))
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has dtype torch.float16, expected torch.float32"):
         load_checkpoint(saved)
 
 
 def test_unexpected_tensor(saved):
-    _rewrite_weights(saved, lambda t: t.update({"layers.7.attention.wq.weight": torch.ones(2, 2)}))
+    _rewrite_weights(saved, lambda t: t.update({"model.layers.7.self_attn.q_proj.weight": torch.ones(2, 2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor"):
         load_checkpoint(saved)
 
@@ -116,10 +119,11 @@ def test_safetensors_whose_header_length_reads_as_a_magic_loads(tmp_path, length
 
 def test_pickle_only_directory_is_refused(make_model, tmp_path):
     torch.save(make_model().state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"config.json is missing.*pytorch_model.bin.*never loaded"):
+    with pytest.raises(CheckpointError, match=r"r1flow.json is missing.*pytorch_model.bin.*never loaded"):
         load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "r1flow-checkpoint-v1", "dtype": "fp32",
-                                                      "meta": {}, "model": make_model().config.to_dict()}))
+    save_checkpoint(tmp_path / "ok", make_model(), None)
+    for name in ("r1flow.json", "config.json"):
+        (tmp_path / name).write_bytes((tmp_path / "ok" / name).read_bytes())
     with pytest.raises(CheckpointError, match="model.safetensors is missing.*pytorch_model.bin"):
         load_checkpoint(tmp_path)
 
@@ -131,8 +135,8 @@ def test_corrupt_files(saved, tmp_path):
     (saved / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(saved)
-    (saved / "config.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+    (saved / "r1flow.json").write_text(json.dumps({"format": "r1flow-checkpoint-v1"}))
+    with pytest.raises(CheckpointError, match="unknown checkpoint format.*older r1flow versions"):
         load_checkpoint(saved)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")

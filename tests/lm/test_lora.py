@@ -70,8 +70,9 @@ def test_only_adapters_train(make_model, dora):
 def test_save_adapters_alone_and_load_them(make_model, dora, tmp_path):
     model, cfg = _adapted(make_model, dora)
     save_adapters(tmp_path / "ad", model, cfg)
-    tensors = load_file(tmp_path / "ad" / "adapters.safetensors")
-    assert tensors and all(k.rsplit(".", 1)[-1].startswith("lora_") for k in tensors)
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")  # PEFT's names
+    assert tensors and all(k.startswith("base_model.model.model.layers.") for k in tensors)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")) for k in tensors)
     fresh = make_model()  # same base weights (same seed)
     loaded_cfg = load_adapters(tmp_path / "ad", fresh)
     assert loaded_cfg == cfg

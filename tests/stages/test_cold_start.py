@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lm.checkpoint import load_tokenizer
 from stages import cold_start, filters
 from stages.context import StageContext
 from tests.stages.sampling_fakes import ScriptedSampler, save_tiny_checkpoint, tiny_tokenizer, trace, write_problems
@@ -53,9 +54,8 @@ def _run(cfg: cold_start.Config, inputs: dict[str, Path], out: Path, sampler: Sc
 
 
 def test_keeps_only_rows_passing_every_filter_and_counts_add_up(run_inputs, tmp_path) -> None:
-    from lm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(run_inputs["rl_zero"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["rl_zero"] / "checkpoint")
     sampler = ScriptedSampler(tok, SCRIPT)
     cfg = cold_start.Config(samples_per_prompt=6, keep_per_prompt=2, batch_size=4, max_prompts=None)
     summary = _run(cfg, run_inputs, tmp_path, sampler)
@@ -90,9 +90,8 @@ def test_keeps_only_rows_passing_every_filter_and_counts_add_up(run_inputs, tmp_
 
 
 def test_sampling_is_deterministic_and_seeded(run_inputs, tmp_path) -> None:
-    from lm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(run_inputs["rl_zero"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["rl_zero"] / "checkpoint")
     cfg = cold_start.Config(samples_per_prompt=2, max_prompts=2, batch_size=3)
     a, b = ScriptedSampler(tok, SCRIPT), ScriptedSampler(tok, SCRIPT)
     sa = _run(cfg, run_inputs, tmp_path / "a", a)
@@ -112,10 +111,9 @@ def test_readable_rewrite() -> None:
 
 
 def test_rewrite_keeps_rows_correct_and_well_formed(run_inputs, tmp_path) -> None:
-    from lm.tokenizer import Tokenizer
     from rewards import accuracy_reward, format_reward
 
-    tok = Tokenizer.load(run_inputs["rl_zero"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["rl_zero"] / "checkpoint")
     messy = "<think>7+5=12 carry 1: 2.\n4+8+1=13 carry 1: 32</think> <answer>132</answer>"
     sampler = ScriptedSampler(tok, {Q1: [messy], Q2: [GOOD2], Q3: [WRONG3]})
     cfg = cold_start.Config(samples_per_prompt=1, rewrite="readable", max_prompts=None)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import load_checkpoint, load_tokenizer
 from lm.tokenizer import Tokenizer
 from stages import evaluate
 from stages.context import StageContext
@@ -63,7 +63,7 @@ def _ctx() -> StageContext:
 
 
 def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path) -> None:
-    tok = Tokenizer.load(run_inputs["base"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["base"] / "checkpoint")
     summary = evaluate.run(evaluate.Config(k=4, batch_size=3), run_inputs, tmp_path, _ctx(),
                            sampler_factory=_scripted_factory(tok))
     assert list(summary) == [*SCRIPTS, "best_pass@1"]
@@ -122,7 +122,7 @@ def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path)
 
 
 def test_checkpoint_selection(run_inputs, tmp_path) -> None:
-    tok = Tokenizer.load(run_inputs["base"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["base"] / "checkpoint")
     cfg = evaluate.Config(k=2, greedy=False, checkpoints=["rl_zero", "student:s1"])
     summary = evaluate.run(cfg, run_inputs, tmp_path, _ctx(), sampler_factory=_scripted_factory(tok))
     assert list(summary) == ["rl_zero", "student:s1", "best_pass@1"]

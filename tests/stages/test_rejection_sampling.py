@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lm.tokenizer import Tokenizer
+from lm.checkpoint import load_tokenizer
 from rewards import accuracy_reward
 from stages import filters, rejection_sampling
 from stages.context import StageContext
@@ -45,7 +45,7 @@ def run_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(inputs: dict[str, Path], out: Path, **cfg) -> tuple[dict, ScriptedSampler]:
-    tok = Tokenizer.load(inputs["rl_reasoning"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(inputs["rl_reasoning"] / "checkpoint")
     sampler = ScriptedSampler(tok, SCRIPT)
     config = rejection_sampling.Config(**{"samples_per_prompt": 6, "keep_per_prompt": 3, "max_prompts": None,
                                           "batch_size": 5, **cfg})
