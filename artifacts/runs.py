@@ -78,6 +78,7 @@ class StageEntry:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     owner: str | None = None  # host:pid of the process running it
+    work: str | None = None  # its scratch directory while it runs (live metrics.parquet, resume state)
 
 
 @dataclass

@@ -64,6 +64,20 @@ class RunSettings(BaseModel):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return v
 
+    # Live per-step scalars of the training stages; "tensorboard" writes event files under
+    # <root>/runs/<run_id>/tensorboard/<stage>. Not part of any cache key.
+    trackers: list[str] = []
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from pipeline.trackers import TRACKERS
+
+        unknown = [t for t in v if t not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {unknown}; known: {sorted(TRACKERS)}")
+        return v
+
 
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 

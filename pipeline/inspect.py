@@ -36,7 +36,8 @@ class Target:
 
 
 def resolve(target: str, root: Path | None = None, name: str | None = None) -> Target:
-    """Resolve a file, an artifact directory, or RUN_ID/STAGE[/FILE] to one Parquet file."""
+    """Resolve a file, an artifact directory, or RUN_ID/STAGE[/FILE] to one Parquet file; a stage
+    that is still running resolves to the metrics it has flushed so far."""
     root = Path(root) if root is not None else default_root()
     path = Path(target)
     if not path.exists():
@@ -46,11 +47,14 @@ def resolve(target: str, root: Path | None = None, name: str | None = None) -> T
             entry = record.stages.get(parts[1])
             if entry is None:
                 raise ArtifactError(f"run {parts[0]} has no stage {parts[1]!r}; it has: {', '.join(record.stages)}")
-            if not entry.path:
-                raise ArtifactError(f"run {parts[0]}: stage {parts[1]} has no artifact yet (status {entry.status})")
-            path = Path(entry.path)
             if len(parts) == 3:
                 name = parts[2]
+            if not entry.path:
+                live = _live_metrics(entry, name)
+                if live is not None:
+                    return Target(parquet=live, manifest=None, others=[])
+                raise ArtifactError(f"run {parts[0]}: stage {parts[1]} has no artifact yet (status {entry.status})")
+            path = Path(entry.path)
         else:
             raise ArtifactError(f"{target}: no such file, artifact directory or RUN_ID/STAGE under {root}")
     if path.is_file():
@@ -204,3 +208,12 @@ def render(info: dict[str, Any]) -> str:
         lines.append("(no rows)")
     return "\n".join(lines)
 
+
+def _live_metrics(entry: Any, name: str | None) -> Path | None:
+    """The metrics.parquet a running stage flushes into its scratch directory (rows so far)."""
+    if entry.status != "running" or not entry.work or name not in (None, "metrics", "metrics.parquet"):
+        return None
+    from stages.context import LIVE_METRICS
+
+    live = Path(entry.work) / LIVE_METRICS
+    return live if live.is_file() else None

@@ -23,6 +23,7 @@ from artifacts.runs import now_iso, process_owner
 from lm.train import resolve_device, resolve_dtype_name
 from pipeline import launch
 from pipeline.config import STAGES, RunConfig, apply_overrides, stage_module, validate
+from pipeline.trackers import open_trackers
 from stages.context import StageContext
 
 
@@ -151,6 +152,7 @@ def execute_stage(
     entry.status, entry.path = status, str(found.path)
     entry.cache_key, entry.content_hash = key, found.manifest.content_hash
     entry.finished, entry.seconds, entry.summary = now_iso(), round(seconds, 2), found.manifest.summary
+    entry.work = None
     if previous_hash is not None and previous_hash != found.manifest.content_hash:
         stale = record.mark_stale_after(name, STAGES)
         if stale:
@@ -165,13 +167,15 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
     runs, store = RunStore(root), ArtifactStore(root)
     record = runs.load(run_id)
     entry = record.stages[name]
-    entry.status, entry.started, entry.error, entry.owner = "running", now_iso(), None, process_owner()
-    runs.save(record)
-    device = resolve_device(cfg.run.device)
     scratch = root / "work" / name / key[:24]  # survives a crash: the stage resumes from here
     scratch.mkdir(parents=True, exist_ok=True)
+    entry.status, entry.started, entry.error, entry.owner = "running", now_iso(), None, process_owner()
+    entry.work = str(scratch)  # where `inspect RUN/STAGE/metrics` finds the rows so far
+    runs.save(record)
+    device = resolve_device(cfg.run.device)
+    tracker = open_trackers(cfg.run.trackers, runs.path(run_id).parent / "tensorboard" / name)
     ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
-                       run_dir=scratch, log=log)
+                       run_dir=scratch, log=log, track=tracker.track)
     if progress is not None:
         ctx.progress = progress
     module = stage_module(name)
@@ -181,6 +185,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
         published = store.publish(name, key, payload, hashes, _producer(name, cfg, inputs, ctx, scratch),
                                   module.SCHEMAS)
     except BaseException as e:
+        tracker.close()
         record = runs.load(run_id)
         record.stages[name].status = "failed"
         record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -189,6 +194,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
         if isinstance(e, _USER_FACING):
             raise StageError(f"stage {name} failed: {e}") from e
         raise
+    tracker.close()
     seconds = time.perf_counter() - t0
     shutil.rmtree(scratch, ignore_errors=True)
     log(f"{name}: done in {seconds:.1f}s ({published.manifest.id})")

@@ -1,11 +1,17 @@
-"""What a stage receives besides its config and inputs: seed, device, logging, progress.
+"""What a stage receives besides its config and inputs: seed, device, logging, progress, metrics.
 
 A stage knows nothing of Prefect; the orchestrator hands it a context whose `log` and
 `progress` may forward to Prefect's logger, and tests hand it the plain default.
+
+Live metrics: a training loop calls `track(step, scalars)` every step (the orchestrator forwards
+them to the run's trackers, e.g. TensorBoard) and `flush_metrics(table)` every `log_every` steps,
+which replaces `run_dir/metrics.parquet` atomically, so `r1flow inspect RUN/STAGE/metrics`
+reads the rows so far while the stage runs.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -13,6 +19,12 @@ from typing import Any, Callable, Iterable, TypeVar
 T = TypeVar("T")
 
 _log = logging.getLogger("r1flow")
+
+LIVE_METRICS = "metrics.parquet"  # in `run_dir` while a stage runs
+
+
+def _no_tracking(step: int, scalars: dict[str, float]) -> None:
+    return None
 
 
 def _tqdm_progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterable[T]:
@@ -32,6 +44,7 @@ class StageContext:
         run_dir: a directory that survives a crash, for resume checkpoints.
         log: one-line messages (forwarded to Prefect's logger under orchestration).
         progress: wraps an iterable in a progress bar.
+        track: receives each step's scalars (`track(step, {"loss": ...})`) for live trackers.
     """
 
     seed: int = 0
@@ -40,3 +53,16 @@ class StageContext:
     run_dir: Path | None = None
     log: Callable[[str], None] = field(default=_log.info)
     progress: Callable[..., Iterable[Any]] = field(default=_tqdm_progress)
+    track: Callable[[int, dict[str, float]], None] = field(default=_no_tracking)
+
+    def flush_metrics(self, table: Any) -> None:
+        """Replace `run_dir/metrics.parquet` with `table` (a pyarrow Table of the rows so far)
+        atomically; nothing without a `run_dir`."""
+        if self.run_dir is None:
+            return
+        import pyarrow.parquet as pq
+
+        path = self.run_dir / LIVE_METRICS
+        tmp = path.with_name(f".{LIVE_METRICS}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)

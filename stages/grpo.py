@@ -151,6 +151,7 @@ class GRPOConfig(BaseModel):
     eval_batch_size: int = Field(64, ge=1)
     # resume
     checkpoint_every: int = Field(25, ge=1)
+    log_every: int = Field(1, ge=1, description="steps between flushes of the live metrics.parquet")
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
@@ -944,7 +945,10 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         start, rollouts, metrics = resumed
         ctx.log(f"{stage}: resuming after step {start} from {ctx.run_dir / RESUME_DIR}")
     else:
-        metrics += metric_rows(0, run_eval(0))
+        first = run_eval(0)
+        metrics += metric_rows(0, first)
+        if distributed.is_main():
+            ctx.track(0, first)
     bar = ctx.progress(range(start + 1, cfg.steps + 1), desc=stage, total=cfg.steps - start)
     for step in bar:
         if isinstance(scorer, RewardScorer):
@@ -956,6 +960,10 @@ def train_grpo(cfg: GRPOConfig, policy: Transformer, tokenizer: Tokenizer, train
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
             m = m | run_eval(step)
         metrics += metric_rows(step, m)
+        if distributed.is_main():  # every rank holds the same metrics: rank 0 reports them
+            ctx.track(step, m)
+            if step % cfg.log_every == 0:
+                ctx.flush_metrics(pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA))
         rollouts += rollout_rows(step, res.rollouts, res.advantages, cfg.group_size, reward_names)
         _show(bar, m)
         if ctx.run_dir is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps and distributed.is_main():

@@ -584,7 +584,8 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
     Each step records loss, lr, grad_norm, tokens_per_s and tokens in `metrics`; the validation
     loss is added every `eval_every` steps (None: only at the end) and after the last step; a log
     line every `log_every` steps; the resume state is saved every `checkpoint_every` steps and
-    after the last. `data_offset` shifts the batch plan (a phase continuing data an earlier phase
+    after the last. Each step's scalars go to `ctx.track`, and the rows so far to
+    `ctx.flush_metrics` every `log_every` steps (live metrics). `data_offset` shifts the batch plan (a phase continuing data an earlier phase
     consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
     """
     trained = distributed.wrap_ddp(model)  # several ranks: DDP over each step's shared-out micro-batches
@@ -595,13 +596,21 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
         t = time.perf_counter()
         stats = optimizer_step(trained, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
                                device=device, step=step, weights=weights)
-        metrics.add(step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
-                    tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
+        scalars = dict(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
+                       tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
+        metrics.add(step, **scalars)
+        if distributed.is_main():
+            ctx.track(step, scalars)
         done = step + 1
         if val_batches and (done == steps or (eval_every is not None and done % eval_every == 0)):
-            metrics.add(done, val_loss=validation_loss(model, val_batches, autocast=cfg.autocast, device=device))
+            val = validation_loss(model, val_batches, autocast=cfg.autocast, device=device)
+            metrics.add(done, val_loss=val)
+            if distributed.is_main():
+                ctx.track(done, {"val_loss": val})
         if done % cfg.log_every == 0:
             ctx.log(f"{label}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f} lr {lr:.2e}")
+            if distributed.is_main():
+                ctx.flush_metrics(metrics.table())
         if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps) and distributed.is_main():
             save_resume(state_dir, model, optimizer, done, metrics)  # ranks hold equal weights: rank 0 saves
     return metrics

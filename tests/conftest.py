@@ -24,7 +24,9 @@ def micro_run(prefect_harness, tmp_path_factory):
     from tests.pipeline.cli_helpers import cli_json
 
     root = tmp_path_factory.mktemp("micro-root")
-    summary = cli_json("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-1", "--json")
+    # TensorBoard on: trackers are not part of any cache key (test_second_identical_run... checks).
+    summary = cli_json("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-1", "--json",
+                       "--set", 'run.trackers=["tensorboard"]')
     return root, "micro-1", summary
 
 

@@ -100,3 +100,34 @@ def test_bad_user_problem_file_is_a_clear_error(tmp_path, capsys):
     assert "stage problems failed" in err and "prompt" in err
     record = RunStore(tmp_path / "root").list()[0]
     assert record.status == "failed" and record.stages["problems"].status == "failed"
+
+
+def test_training_stages_write_tensorboard_scalars(micro_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, run_id, _ = micro_run
+    logdir = root / "runs" / run_id / "tensorboard"
+    assert sorted(p.name for p in logdir.iterdir()) == ["base", "distill", "rl_reasoning", "rl_zero", "sft"]
+    events = EventAccumulator(str(logdir / "rl_zero"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"reward_mean", "kl", "entropy", "grad_norm", "lr", "eval/pass@1"} <= tags, sorted(tags)
+    steps = [e.step for e in events.Scalars("reward_mean")]
+    assert steps == list(range(1, RunStore(root).load(run_id).config["rl_zero"]["steps"] + 1))
+    sft = EventAccumulator(str(logdir / "sft"))
+    sft.Reload()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(sft.Tags()["scalars"])
+
+
+def test_export_a_runs_stage_and_generate_from_the_export(micro_run, tmp_path):
+    root, run_id, _ = micro_run
+    code, _ = cli("export", f"{run_id}/rl_zero", str(tmp_path / "hf"), "--format", "hf", "--root", str(root))
+    assert code == 0
+    code, out = cli("generate", "--model", str(tmp_path / "hf"), "--prompt", "What is 1 + 1?",
+                    "--max-new-tokens", "4", "--json")
+    ref_code, ref = cli("generate", "--model", f"{run_id}/rl_zero", "--prompt", "What is 1 + 1?",
+                        "--max-new-tokens", "4", "--json", "--root", str(root))
+    assert code == ref_code == 0
+    assert json.loads(out)["token_ids"] == json.loads(ref)["token_ids"]
+    code, _ = cli("export", f"{run_id}/problems", str(tmp_path / "x"), "--format", "hf", "--root", str(root))
+    assert code == 2 and not (tmp_path / "x").exists()
