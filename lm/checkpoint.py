@@ -43,7 +43,7 @@ from torch import Tensor
 from lm.model import ModelConfig, Transformer, shape_mismatches
 from lm.tokenizer import Tokenizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_tokenizer", "read_meta", "is_checkpoint", "read_weights",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_tokenizer", "read_meta", "is_checkpoint",
            "save_training_state", "load_training_state", "save_resume", "load_resume", "CheckpointError",
            "resolve_dtype", "read_safetensors", "export_state_dict", "expected_shapes"]
 
