@@ -586,8 +586,7 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
     line every `log_every` steps; the resume state is saved every `checkpoint_every` steps and
     after the last. Each step's scalars go to `ctx.track`, and the rows so far to
     `ctx.flush_metrics` every `log_every` steps (live metrics). `data_offset` shifts the batch
-    plan (a phase continuing data an earlier phase
-    consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
+    plan (a phase continuing data an earlier phase consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
     """
     trained = distributed.wrap_ddp(model)  # several ranks: DDP over each step's shared-out micro-batches
     for step in ctx.progress(range(start, steps), desc=label, total=steps - start):
