@@ -62,6 +62,7 @@ class StageContext:
             return
         import pyarrow.parquet as pq
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LIVE_METRICS
         tmp = path.with_name(f".{LIVE_METRICS}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
