@@ -73,19 +73,19 @@ def _rewrite_weights(path, edit):
 
 def test_missing_tensor(saved):
     _rewrite_weights(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.feed_forward\.w3\.weight"):
         load_checkpoint(saved)
 
 
 def test_wrong_shape(saved):
     _rewrite_weights(saved, lambda t: t.update({"model.norm.weight": torch.ones(31)}))
-    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(31,\), expected \(32,\)"):
+    with pytest.raises(CheckpointError, match=r"'norm.weight' has shape \(31,\), expected \(32,\)"):
         load_checkpoint(saved)
 
 
 def test_wrong_dtype(saved):
     _rewrite_weights(saved, lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.float16)}))
-    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has dtype torch.float16, expected torch.float32"):
+    with pytest.raises(CheckpointError, match=r"'norm.weight' has dtype torch.float16, expected torch.float32"):
         load_checkpoint(saved)
 
 
@@ -177,15 +177,15 @@ def test_training_state_resume_is_exact(make_model, tmp_path):
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "s").iterdir())
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("max_seq_len", 10**9, r"model\.max_seq_len: 1000000000 is out of range"),
-    ("n_heads", 0, r"model\.n_heads: 0 is out of range"),
-    ("n_layers", 10**6, r"model\.n_layers: 1000000 is out of range"),
-    ("vocab_size", -1, r"model\.vocab_size: -1 is out of range"),
-    ("dim", "32", r"model\.dim: must be an integer, got '32'"),
-    ("n_kv_heads", True, r"model\.n_kv_heads: must be an integer"),
-    ("norm_eps", float("nan"), r"model\.norm_eps: must be a number"),
-    ("n_layers", 3, r"n_layers: config says 3, the file holds 2 layers"),  # in bounds, but a lie
+@pytest.mark.parametrize("field,value,message", [  # the checkpoint's config.json is Hugging Face's
+    ("max_position_embeddings", 10**9, r"max_position_embeddings: 1000000000 is out of range"),
+    ("num_attention_heads", 0, r"num_attention_heads: 0 is out of range"),
+    ("num_hidden_layers", 10**6, r"num_hidden_layers: 1000000 is out of range"),
+    ("vocab_size", -1, r"vocab_size: -1 is out of range"),
+    ("hidden_size", "32", r"hidden_size: must be an integer, got '32'"),
+    ("num_key_value_heads", True, r"num_key_value_heads: must be an integer"),
+    ("rms_norm_eps", float("nan"), r"rms_norm_eps: must be a number"),
+    ("num_hidden_layers", 3, r"n_layers: config says 3, the file holds 2 layers"),  # in bounds, but a lie
     ("vocab_size", 4096, r"vocab_size/dim: config says \(4096, 32\)"),
 ])
 def test_hostile_size_fields_fail_fast_naming_the_field(saved, field, value, message):
@@ -194,7 +194,7 @@ def test_hostile_size_fields_fail_fast_naming_the_field(saved, field, value, mes
 
     path = saved / "config.json"
     config = json.loads(path.read_text())
-    config["model"][field] = value
+    config[field] = value
     path.write_text(json.dumps(config))
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match=message):
