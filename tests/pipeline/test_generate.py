@@ -53,12 +53,12 @@ def test_generate_refuses_a_checkpoint_with_a_hostile_size_field(micro_copy, cap
     copy = root / "edited"
     shutil.copytree(ckpt, copy)
     config = json.loads((copy / "config.json").read_text())
-    config["model"]["max_seq_len"] = 10**9
+    config["max_position_embeddings"] = 10**9
     (copy / "config.json").write_text(json.dumps(config))
     start = time.perf_counter()
     code, _ = cli("generate", "--model", str(copy), "--prompt", "hi", "--root", str(root))
     assert code == 2 and time.perf_counter() - start < 5.0
-    assert "max_seq_len: 1000000000 is out of range" in capsys.readouterr().err
+    assert "max_position_embeddings: 1000000000 is out of range" in capsys.readouterr().err
 
 
 def _poison(checkpoint):
