@@ -138,7 +138,7 @@ def test_dpo_checkpoint_is_found_only_when_the_stage_wrote_one(run_inputs, tmp_p
     (tmp_path / "dpo").mkdir()
     names = [r.name for r in evaluate.find_checkpoints({**run_inputs, "dpo": tmp_path / "dpo"})]
     assert "dpo" not in names
-    tok = Tokenizer.load(run_inputs["base"] / "checkpoint" / "tokenizer")
+    tok = load_tokenizer(run_inputs["base"] / "checkpoint")
     save_tiny_checkpoint(tmp_path / "dpo" / "checkpoint", tok, dim=40)
     names = [r.name for r in evaluate.find_checkpoints({**run_inputs, "dpo": tmp_path / "dpo"})]
     assert names == ["base", "rl_zero", "sft", "rl_reasoning", "dpo", "student:s1", "baseline:s1"]
