@@ -4,6 +4,9 @@ A run is the user's handle on one pass of the pipeline: `r1flow inspect RUN/STAG
 artifact through it, `r1flow stage NAME --run RUN` reruns one stage of it, and `r1flow runs`
 lists them. The record is rewritten atomically after every stage transition.
 
+Artifact paths are stored relative to the root (`artifacts/<stage>/<key>`) and resolved against
+the root the record is read from, so a record works from any directory and in a copied root.
+
 A run or stage marked "running" names its owner (host:pid). A killed `r1flow run` cannot update
 its record, so on reading, a "running" entry whose owner process is gone (on this host) reads
 "interrupted"; `r1flow stage NAME --run RUN` resumes such a stage from its scratch state.
@@ -85,7 +88,7 @@ class StageEntry:
 class RunRecord:
     run_id: str
     created: str
-    status: str  # running | succeeded | failed | interrupted
+    status: str  # running | succeeded | stale (some stage's upstream changed) | failed | interrupted
     preset: str | None
     config: dict[str, Any]
     stages: dict[str, StageEntry]
@@ -146,6 +149,25 @@ class RunStore:
     def exists(self, run_id: str) -> bool:
         return self.path(run_id).is_file()
 
+    def _absolute(self, stored: str) -> str:
+        """An artifact path as stored -> an absolute path under this root. Records written before
+        paths were stored relative hold `<root as typed>/artifacts/...`: the part from `artifacts/`
+        on is resolved against this root."""
+        p = Path(stored)
+        if p.is_absolute():
+            return stored
+        parts = p.parts
+        if "artifacts" in parts:
+            p = Path(*parts[parts.index("artifacts"):])
+        return str(self.root.absolute() / p)
+
+    def _relative(self, path: str) -> str:
+        """An absolute artifact path under this root -> the path relative to it (others unchanged)."""
+        try:
+            return str(Path(path).relative_to(self.root.absolute()))
+        except ValueError:
+            return path
+
     def load(self, run_id: str) -> RunRecord:
         path = self.path(run_id)
         if not path.is_file():
@@ -155,7 +177,13 @@ class RunStore:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{path}: run record is not valid JSON ({e})") from e
-        return RunRecord.from_dict(data, where=str(path))
+        return self._resolved(RunRecord.from_dict(data, where=str(path)))
+
+    def _resolved(self, record: RunRecord) -> RunRecord:
+        for entry in record.stages.values():
+            if entry.path:
+                entry.path = self._absolute(entry.path)
+        return record
 
     @contextmanager
     def lock(self, run_id: str) -> Iterator[None]:
@@ -189,7 +217,11 @@ class RunStore:
     def save(self, record: RunRecord) -> None:
         path = self.path(record.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record.to_dict(), indent=2, default=str))
+        data = record.to_dict()
+        for entry in data["stages"].values():
+            if entry["path"]:
+                entry["path"] = self._relative(str(Path(entry["path"]).absolute()))
+        atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
     def list(self) -> list[RunRecord]:
         """Every readable run record, oldest first (`scan` also names the unreadable ones)."""
@@ -203,7 +235,7 @@ class RunStore:
                 data = json.loads(path.read_text())
                 if not isinstance(data, dict):
                     raise ArtifactError(f"{path}: run record is not a JSON object")
-                records.append(RunRecord.from_dict(data, where=str(path)))
+                records.append(self._resolved(RunRecord.from_dict(data, where=str(path))))
             except (ArtifactError, ValueError, OSError) as e:
                 unreadable[path.parent.name] = str(e)
         return sorted(records, key=lambda r: (r.created, r.run_id)), unreadable

@@ -32,6 +32,13 @@ TEMPLATES: dict[str, str] = {
 TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat")
 
 
+def known_template(name: str) -> str:
+    """`name` if it is one of TEMPLATE_NAMES; else a ValueError listing them (config validation)."""
+    if name not in TEMPLATE_NAMES:
+        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+    return name
+
+
 class ChatTemplateError(ValueError):
     """The chat template cannot be rendered."""
 

@@ -1,10 +1,11 @@
 """`r1flow`: the user's verbs (DESIGN.md, "The user's verbs").
 
-    r1flow run [--preset tiny] [--config FILE] [--set stage.key=value ...]
+    r1flow run [--preset tiny] [--config FILE] [--set stage.key=value ...] [--run-id ID] [--json]
     r1flow stage NAME --run RUN_ID [--force] [--set ...]
-    r1flow inspect RUN_ID/STAGE[/FILE] | PATH [--rows N] [--columns ...] [--where ...] [--json]
+    r1flow inspect RUN_ID/STAGE[/FILE] | PATH [--rows N] [--columns ...] [--where ...] [--width N|--full] [--json]
     r1flow runs [--json]
     r1flow report RUN_ID
+    r1flow config show [--preset P] [--config FILE] [--set ...] | r1flow config keys [STAGE]
     r1flow schedule distill --teacher RUN_ID --student NAME [--student ...] --cron "..."
     r1flow serve
     r1flow generate --model SOURCE --prompt TEXT
@@ -28,90 +29,140 @@ from artifacts.store import default_root
 from pipeline.config import STAGES, ConfigError
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("r1flow")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (flags and options without one excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        hidden = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS or isinstance(action, argparse._HelpAction)
+        if hidden:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=None,
                    help="where runs and artifacts live (default: $R1FLOW_ROOT or ./r1flow-data)")
 
 
-def _add_config(p: argparse.ArgumentParser, preset_default: str | None) -> None:
-    p.add_argument("--preset", default=preset_default, help="shipped preset: tiny (default), micro, smollm2-135m")
-    p.add_argument("--config", type=Path, default=None, help="TOML/JSON file merged over the preset")
+def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one setting, e.g. --set sft.lr=1e-4 (repeatable)")
+                   help="override one setting, e.g. --set sft.lr=1e-4 (repeatable; values are TOML literals)")
+
+
+def _add_config(p: argparse.ArgumentParser, preset_default: str | None) -> None:
+    p.add_argument("--preset", default=preset_default, help="shipped preset: tiny, micro, smollm2-135m")
+    p.add_argument("--config", type=Path, default=None, help="TOML, YAML or JSON file merged over the preset")
+    _add_overrides(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r1flow",
-        description="The DeepSeek-R1 recipe as a pipeline: "
-        + " -> ".join(STAGES),
+        description="The DeepSeek-R1 recipe as a pipeline: " + " -> ".join(STAGES),
+        formatter_class=_Help,
     )
+    parser.add_argument("--version", action="version", version=f"r1flow {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("run", help="run the full flow (every stage; cached stages are reused)")
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+    p = verb("run", "run the full flow (every stage; cached stages are reused)")
     _add_config(p, "tiny")
     _add_root(p)
-    p.add_argument("--run-id", default=None, help="name the run (default: a timestamp id)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line: run id and per-stage map")
+    p.add_argument("--run-id", default=None, help="name the run (default: a timestamp id); an existing id is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --run-id of an existing run: replace its record (its artifacts stay in the cache)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON document on stdout (run id and per-stage map); "
+                        "progress and the table go to stderr")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors (always in the run's log)")
 
-    p = sub.add_parser("stage", help="rerun one stage of an existing run, reusing its upstream")
-    p.add_argument("name", choices=STAGES)
+    p = verb("stage", "rerun one stage of an existing run, reusing its upstream")
+    p.add_argument("name", choices=STAGES, help="the stage to rerun")
     p.add_argument("--run", dest="run_id", required=True, help="the run whose stage to rerun")
     p.add_argument("--force", action="store_true", help="recompute even on a cache hit")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors (always in the run's log)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--downstream", action="store_true",
+                   help="then bring every later stage up to date (recomputes what is stale, reuses the rest)")
+    _add_overrides(p)
+    p.add_argument("--json", action="store_true", help="print the run as one JSON document (as `runs --json`)")
     _add_root(p)
 
-    p = sub.add_parser("inspect", help="look at a dataset: schema, stats, first rows")
+    p = verb("inspect", "look at a dataset: schema, stats, first rows")
     p.add_argument("target", help="RUN_ID/STAGE[/DATASET], an artifact directory, or a .parquet file")
-    p.add_argument("--rows", type=int, default=5, help="how many rows to show (default 5)")
+    p.add_argument("--rows", type=int, default=5, help="how many rows to show (0 or more)")
     p.add_argument("--columns", nargs="+", default=None, help="only these columns")
     p.add_argument("--where", action="append", default=None, metavar="'COL OP VALUE'",
                    help="filter rows, op one of == != > >= < <= ~ (substring); repeat to AND")
+    p.add_argument("--width", type=int, default=40, help="characters shown of each cell")
+    p.add_argument("--full", action="store_true", help="show cells whole (long completions included)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_root(p)
 
-    p = sub.add_parser("runs", help="list runs with their stages' status and headline metrics")
-    p.add_argument("--json", action="store_true")
+    p = verb("runs", "list runs with their stages' status and headline metrics")
+    p.add_argument("--json", action="store_true", help="print one JSON list of runs (as `run --json` prints one)")
     _add_root(p)
 
-    p = sub.add_parser("verify", help="re-hash every file of a run's artifacts (or of one artifact directory)")
+    p = verb("verify", "re-hash every file of a run's artifacts (or of one artifact directory)")
     p.add_argument("target", help="RUN_ID or an artifact directory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_root(p)
 
-    p = sub.add_parser("report", help="write a Markdown report with plots for a run")
-    p.add_argument("run_id")
+    p = verb("report", "write a Markdown report with plots for a run")
+    p.add_argument("run_id", help="the run to report on")
     p.add_argument("--out", type=Path, default=None, help="directory (default: the run's report/)")
     _add_root(p)
 
-    p = sub.add_parser("schedule", help="schedule distillation jobs on a Prefect server")
+    p = verb("config", "show the resolved config, or every key with its type, default and description")
+    cp = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    c = cp.add_parser("show", help="print the config a run would use (TOML; --json for JSON)", formatter_class=_Help)
+    _add_config(c, "tiny")
+    c.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    c = cp.add_parser("keys", help="list every key of every stage (or one)", formatter_class=_Help)
+    c.add_argument("stage", nargs="?", choices=("run", *STAGES), help="only this section")
+    c.add_argument("--json", action="store_true", help="print one JSON list")
+
+    p = verb("schedule", "schedule distillation jobs on a Prefect server")
     sp = p.add_subparsers(dest="what", required=True)
-    d = sp.add_parser("distill", help="a cron-scheduled deployment of the distill flow")
+    d = sp.add_parser("distill", help="a cron-scheduled deployment of the distill flow", formatter_class=_Help)
     d.add_argument("--teacher", required=True, help="run id whose rejection-sampled data teaches")
     d.add_argument("--student", action="append", required=True, help="student preset name (repeatable)")
     d.add_argument("--cron", required=True, help='cron string, e.g. "0 3 * * *"')
-    d.add_argument("--name", default=None, help="deployment name")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    d.add_argument("--name", default=None, help="deployment name (default: TEACHER-STUDENTS)")
+    _add_overrides(d)
     _add_root(d)
 
-    p = sub.add_parser("serve", help="serve scheduled deployments (needs a Prefect server)")
-    p.add_argument("--limit", type=int, default=1, help="most flow runs executed at once (default 1)")
+    p = verb("serve", "serve scheduled deployments (needs a Prefect server)")
+    p.add_argument("--limit", type=int, default=1, help="most flow runs executed at once")
     _add_root(p)
 
-    p = sub.add_parser("generate", help="sample from any model r1flow can load")
-    p.add_argument("--model", required=True, help="a checkpoint dir, RUN_ID/STAGE, a .gguf path, or a preset")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat / R1 template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--json", action="store_true")
+    p = verb("generate", "sample from any model r1flow can load")
+    p.add_argument("--model", required=True,
+                   help="RUN_ID/STAGE (RUN_ID/distill, RUN_ID/student:NAME), a checkpoint dir, a .gguf path, or a preset")
+    p.add_argument("--prompt", required=True, help="the question (or raw text with --template none)")
+    p.add_argument("--template", default="auto",
+                   help="prompt template: auto (the one the checkpoint was trained with; none if unknown), "
+                        "none (the prompt as given), or a name: r1_zero, r1_zero_short, chat")
+    p.add_argument("--chat", action="store_true", help="same as --template chat (the model's own chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16, or auto (the checkpoint's)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token ids, log-probs, top log-probs")
     _add_root(p)
 
     p = sub.add_parser("export", help="write a model for transformers / vLLM (hf), llama.cpp (gguf) or PEFT")
@@ -130,7 +181,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.inspect import inspect_dataset, render, resolve
 
     info = inspect_dataset(resolve(args.target, args.root), rows=args.rows, columns=args.columns, where=args.where)
-    print(json.dumps(info, default=str, ensure_ascii=False) if args.json else render(info))
+    width = 0 if args.full else args.width
+    print(json.dumps(info, default=str, ensure_ascii=False) if args.json else render(info, width))
     return 0
 
 
@@ -157,6 +209,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "runs": cmd_runs,
     "verify": _dispatch("pipeline.verify", "cmd_verify"),
     "report": _dispatch("pipeline.report", "cmd_report"),
+    "config": _dispatch("pipeline.config_cli", "cmd_config"),
     "schedule": _dispatch("pipeline.schedule", "cmd_schedule"),
     "serve": _dispatch("pipeline.schedule", "cmd_serve"),
     "generate": _dispatch("pipeline.generate", "cmd_generate"),

@@ -13,17 +13,25 @@ from pathlib import Path
 from typing import Iterator
 
 from artifacts import RunStore
-from pipeline.config import STAGES, apply_overrides, load_config, validate
+from pipeline.config import STAGES, ConfigError, apply_overrides, load_config, validate
 from pipeline.runner import run_owner_lock, update_run_config
 from pipeline.runs_view import run_summary
 
 
-def _print_table(root: Path, run_id: str) -> None:
+def _print_table(root: Path, run_id: str, file=sys.stdout) -> None:
     record = RunStore(root).load(run_id)
-    print(f"\nrun {run_id}: {record.status}")
+    print(f"\nrun {run_id}: {record.status}", file=file)
     for name, e in record.stages.items():
         secs = f"{e.seconds:7.1f}s" if e.seconds is not None else " " * 8
-        print(f"  {name:<19} {e.status:<8} {secs}  {e.path or ''}")
+        print(f"  {name:<19} {e.status:<8} {secs}  {e.path or ''}", file=file)
+
+
+def check_new_run_id(root: Path, run_id: str | None, overwrite: bool) -> None:
+    """Refuse to replace an existing run's record (its stages' history would be lost)."""
+    if run_id is not None and not overwrite and RunStore(root).exists(run_id):
+        raise ConfigError(f"run {run_id!r} already exists under {Path(root) / 'runs'}; choose another --run-id, "
+                          f"rerun its stages with `r1flow stage NAME --run {run_id}`, or pass --overwrite "
+                          "to replace its record (artifacts are kept and reused)")
 
 
 @contextmanager
@@ -45,24 +53,31 @@ def _prefect_session(root: Path, run_id: str, verbose: bool) -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from prefect import tags
+
     from pipeline.flows import r1_pipeline
 
     cfg = load_config(args.preset, args.config, args.overrides)  # every stage validated before work
     root = Path(args.root)
+    check_new_run_id(root, args.run_id, args.overwrite)
     record = RunStore(root).create(cfg.to_dict(), STAGES, preset=args.preset, run_id=args.run_id)
-    print(f"r1flow run {record.run_id} (preset {args.preset}, root {root})", flush=True)
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout is one JSON document
+    print(f"r1flow run {record.run_id} (preset {args.preset}, root {root})", file=human, flush=True)
     try:
-        with _prefect_session(root, record.run_id, getattr(args, "verbose", False)):
+        with _prefect_session(root, record.run_id, getattr(args, "verbose", False)), \
+                tags("r1flow", f"preset:{args.preset}"):
             r1_pipeline(run_id=record.run_id, root=str(root))
     finally:
-        _print_table(root, record.run_id)
+        _print_table(root, record.run_id, file=human)
         if args.json:
             print(json.dumps(run_summary(RunStore(root).load(record.run_id)), default=str))
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline.flows import stage_flow
+    from prefect import tags
+
+    from pipeline.flows import r1_pipeline, stage_flow
 
     root = Path(args.root)
     runs = RunStore(root)
@@ -71,9 +86,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     with run_owner_lock(root, args.run_id, effective.run):  # ... and for a run another process is building
         if args.overrides:
             update_run_config(root, args.run_id, args.overrides)
-        with _prefect_session(root, args.run_id, getattr(args, "verbose", False)):
-            result = stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)
-    print(f"{args.name}: {result['status']} -> {result['path']}", file=sys.stderr if args.json else sys.stdout)
+        with _prefect_session(root, args.run_id, getattr(args, "verbose", False)), \
+                tags("r1flow", f"preset:{record.preset}"):
+            if args.downstream:  # this stage, then every later one (each reused when its inputs are unchanged)
+                later = list(STAGES[STAGES.index(args.name):])
+                results = r1_pipeline(run_id=args.run_id, root=str(root), stages=later,
+                                      force=[args.name] if args.force else None)
+            else:
+                results = [stage_flow(name=args.name, run_id=args.run_id, root=str(root), force=args.force)]
+    for result in results:
+        print(f"{result['stage']}: {result['status']} -> {result['path']}", file=sys.stderr if args.json else sys.stdout)
     _print_table(root, args.run_id) if not args.json else None
     if args.json:
         print(json.dumps(run_summary(runs.load(args.run_id)), default=str))

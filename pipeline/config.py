@@ -2,7 +2,7 @@
 
 Each stage module owns its `Config` (a pydantic model with `extra="forbid"`): that class is the
 single source of truth for the stage's knobs and defaults. A run config is a preset file (TOML,
-shipped under `pipeline/presets/`) or a user's TOML/JSON file, plus `--set stage.key=value`
+shipped under `pipeline/presets/`) or a user's TOML/YAML/JSON file, plus `--set stage.key=value`
 overrides, validated section by section. Unknown stages, unknown keys and bad values are errors
 that name the offending key.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES: tuple[str, ...] = (
@@ -117,9 +118,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".json":
             data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)  # safe_load: plain data only, never Python objects
         else:
             data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path} is malformed: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of stage sections")

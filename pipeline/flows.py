@@ -9,14 +9,17 @@ path rather than content. The task run is named `<stage>-<cache key prefix>`, so
 which artifact a task produced or reused.
 
 Tasks pass run ids and paths, never tensors or tables. Against a Prefect server, model stages take
-a global concurrency slot named `r1flow-device-<device>` (limit 1, created on first use) so that two
-flows never train on one device at once; raise the limit with
-`prefect gcl update r1flow-device-cuda --limit N`.
+a global concurrency slot named `r1flow-device-<device>` (limit 1, created on the server the first
+time a model stage runs there on that device: `r1flow-device-cpu` on a CPU host) so that two flows
+never train on one device at once; raise the limit afterwards with
+`prefect gcl update r1flow-device-<device> --limit N`. Flow runs are named by the r1flow run id and
+tagged `preset:<name>`; UI artifacts are keyed per run (`<run>-<stage>-summary`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -97,39 +100,37 @@ def device_slot(device: str) -> Iterator[None]:
         yield
 
 
-def _progress_with_artifact(stage: str):
-    """A `ctx.progress` that drives tqdm and a Prefect progress artifact (updated every ~2%)."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+def _progress(iterable: Iterable[Any], desc: str = "", total: int | None = None) -> Iterator[Any]:
+    """A `ctx.progress` for orchestrated stages: a tqdm bar on a terminal only (`disable=None`), and
+    log lines written while it is shown go above it (`logging_redirect_tqdm`), never glued to it."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None) -> Iterator[Any]:
-        total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        artifact_id = create_progress_artifact(0.0, key=None, description=f"{stage}: {desc}") if total else None
-        last = 0.0
-        for i, item in enumerate(tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)):
-            yield item
-            if artifact_id is not None:
-                pct = 100.0 * (i + 1) / total
-                if pct - last >= 2.0 or i + 1 == total:
-                    update_progress_artifact(artifact_id, pct)
-                    last = pct
-
-    return progress
+    with logging_redirect_tqdm(loggers=[logging.getLogger("prefect"), logging.getLogger("r1flow")]):
+        yield from tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False, disable=None)
 
 
-def publish_ui_artifacts(stage: str, path: Path, status: str) -> None:
-    """A table artifact (summary + dataset preview) and a markdown artifact (the manifest in words)."""
+def artifact_key(run_id: str, stage: str, what: str) -> str:
+    """A Prefect artifact key scoped to one run (keys allow lowercase letters, digits and dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{run_id}-{stage}-{what}".lower()).strip("-")
+
+
+def publish_ui_artifacts(run_id: str, stage: str, path: Path, status: str) -> None:
+    """A table artifact (summary + dataset preview; for evaluate, the checkpoint × metric table)
+    and a markdown artifact (the manifest in words), keyed per run."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from pipeline.inspect import inspect_dataset, resolve
+    from pipeline.report import eval_rows
 
     m = read_manifest(path)
-    key = stage.replace("_", "-")
     rows = [{"metric": k, "value": v} for k, v in m.summary.items()]
-    if m.rows:
+    if stage == "evaluate":
+        rows = eval_rows(path)
+    elif m.rows:
         preview = inspect_dataset(resolve(str(path)), rows=10)["head"]
         rows += [{"metric": f"preview[{i}]", "value": json.dumps(r, default=str)[:300]} for i, r in enumerate(preview)]
-    create_table_artifact(rows, key=f"{key}-summary", description=f"{stage} summary and preview")
+    create_table_artifact(rows, key=artifact_key(run_id, stage, "summary"), description=f"{stage} of run {run_id}")
     lines = [
         f"### {stage} — {status}",
         f"- artifact `{m.id}` at `{path}`",
@@ -138,7 +139,8 @@ def publish_ui_artifacts(stage: str, path: Path, status: str) -> None:
         f"- datasets: " + (", ".join(f"{k} ({v:,} rows)" for k, v in m.rows.items()) or "none"),
         "- summary: " + ", ".join(f"{k}={v}" for k, v in m.summary.items()),
     ]
-    create_markdown_artifact("\n".join(lines), key=f"{key}-manifest", description=f"{stage} manifest")
+    create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, stage, "manifest"),
+                             description=f"{stage} manifest, run {run_id}")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient,
@@ -148,20 +150,19 @@ def stage_task(name: str, run_id: str, root: str, force: bool = False) -> dict[s
     logger = _logger()
     root_path = Path(root)
     cfg = config_of(run_id, root_path)
-    progress = _progress_with_artifact(name)
     if name in DEVICE_FREE_STAGES:
-        outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=progress)
+        outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=_progress)
     else:
         with device_slot(resolve_device(cfg.run.device)):
-            outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=progress)
+            outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=_progress)
     try:
-        publish_ui_artifacts(name, outcome.path, outcome.status)
+        publish_ui_artifacts(run_id, name, outcome.path, outcome.status)
     except Exception as e:  # the UI preview must never fail a finished stage
         logger.warning(f"{name}: could not publish UI artifacts: {e}")
     return {"stage": name, "status": outcome.status, "path": str(outcome.path), "seconds": outcome.seconds}
 
 
-@flow(name="r1_pipeline", log_prints=True)
+@flow(name="r1_pipeline", flow_run_name="{run_id}", log_prints=True)
 def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None) -> list[dict]:
     """Every stage of the R1 recipe in order (or the listed ones), each reused when cached."""
     results = []
@@ -176,11 +177,14 @@ def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: 
     return results
 
 
-@flow(name="r1flow_stage", flow_run_name="{name}-{run_id}", log_prints=True)
+@flow(name="r1flow_stage", flow_run_name="{run_id}-{name}", log_prints=True)
 def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
     """Rerun one stage of an existing run, reusing its upstream artifacts."""
     with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):
-        return stage_task(name, run_id, root, force=force)
+        result = stage_task(name, run_id, root, force=force)
+        if RunStore(Path(root)).load(run_id).status == "stale":
+            finish_run(Path(root), run_id, "succeeded")  # stays "stale" while any stage is
+    return result
 
 
 @flow(name="distill", flow_run_name="distill-{teacher_run}", log_prints=True)

@@ -71,11 +71,23 @@ def resolve(target: str, root: Path | None = None, name: str | None = None) -> T
         if fname not in files:
             raise ArtifactError(f"{path}: no dataset {name!r}; it has: {', '.join(files)}")
     else:
-        fname = files[0]
+        fname = main_dataset(manifest.stage, files)
     from dataclasses import asdict
 
     return Target(parquet=path / fname, manifest=asdict(manifest), others=[f for f in files if f != fname],
                   verified=True)
+
+
+def main_dataset(stage: str, files: list[str]) -> str:
+    """The dataset `inspect RUN/STAGE` opens: the first of the stage's SCHEMAS (its main output:
+    cold_start.parquet, evaluate's summary) that the artifact holds; else the first file."""
+    from pipeline.config import STAGES, stage_module
+
+    if stage in STAGES:
+        for name in stage_module(stage).SCHEMAS:
+            if name in files:
+                return name
+    return files[0]
 
 
 def parse_where(expr: str) -> ds.Expression:
@@ -84,6 +96,9 @@ def parse_where(expr: str) -> ds.Expression:
     if not m:
         raise ArtifactError(f"--where {expr!r}: expected 'column op value', op one of == != > >= < <= ~")
     col, op, raw = m.groups()
+    if raw[:1] in ("=", "<", ">", "!", "~"):  # "reward=>1", "x==>2": two operators
+        raise ArtifactError(f"--where {expr!r}: cannot parse {op + raw!r} as an operator and a value; "
+                            "operators are == != > >= < <= ~")
     value: Any = raw.strip("'\"")
     if raw == value:  # unquoted: try a number / bool
         for conv in (int, float):
@@ -101,6 +116,21 @@ def parse_where(expr: str) -> ds.Expression:
         "==": field == value, "=": field == value, "!=": field != value,
         ">": field > value, ">=": field >= value, "<": field < value, "<=": field <= value,
     }[op]
+
+
+def _check_types(expr: str, schema: pa.Schema) -> None:
+    """A value that cannot compare with its column is an error naming the expression."""
+    col, op, raw = _WHERE.match(expr).groups()
+    typ = schema.field(col).type
+    if op == "~":
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise ArtifactError(f"--where {expr!r}: ~ (substring) needs a string column; {col} is {typ}")
+        return
+    if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+        try:
+            float(raw)
+        except ValueError:
+            raise ArtifactError(f"--where {expr!r}: {col} is {typ}, but {raw!r} is not a number") from None
 
 
 def _column_stats(pf) -> dict[str, dict[str, Any]]:
@@ -127,6 +157,8 @@ def _column_stats(pf) -> dict[str, dict[str, Any]]:
 
 def inspect_dataset(target: Target, rows: int = 5, columns: list[str] | None = None,
                     where: list[str] | None = None) -> dict[str, Any]:
+    if rows < 0:
+        raise ArtifactError(f"--rows {rows}: expected 0 or more rows")
     pf = open_parquet(target.parquet)
     schema = pf.schema_arrow
     if columns:
@@ -153,6 +185,8 @@ def inspect_dataset(target: Target, rows: int = 5, columns: list[str] | None = N
         expr = parse_where(where[0])
         for w in where[1:]:
             expr = expr & parse_where(w)
+        for w in where:
+            _check_types(w, schema)
         dataset = ds.dataset(target.parquet, format="parquet")
         try:
             head = dataset.head(rows, columns=columns, filter=expr)
@@ -171,11 +205,27 @@ def inspect_dataset(target: Target, rows: int = 5, columns: list[str] | None = N
 def _cell(v: Any, width: int = 40) -> str:
     s = v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)
     s = s.replace("\n", "⏎")
-    return s if len(s) <= width else s[: width - 1] + "…"
+    return s if width <= 0 or len(s) <= width else s[: width - 1] + "…"
 
 
-def render(info: dict[str, Any]) -> str:
-    """Human-readable text for `r1flow inspect`."""
+def _summary_table(summary: dict[str, Any], width: int) -> list[str] | None:
+    """The table-valued entries of a summary (evaluate: checkpoint -> metric -> value) as rows ×
+    columns; None when it has none."""
+    summary = {k: v for k, v in summary.items() if isinstance(v, dict)}
+    if not summary:
+        return None
+    cols = list(dict.fromkeys(k for v in summary.values() for k in v))
+    cells = [[str(name)] + [_cell(v.get(c), width) if not isinstance(v.get(c), float) else f"{v[c]:.3g}"
+                            for c in cols] for name, v in summary.items()]
+    header = [""] + cols
+    widths = [max(len(header[i]), *(len(r[i]) for r in cells)) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(header))]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(len(header))) for r in cells]
+    return lines
+
+
+def render(info: dict[str, Any], width: int = 40) -> str:
+    """Human-readable text for `r1flow inspect`; cells cut at `width` characters (0: whole)."""
     lines = [f"{info['path']}", f"rows: {info['rows']:,}   row groups: {info['row_groups']}"]
     lines.append("content: verified against its artifact manifest (sha256)" if info.get("verified")
                  else "content: not verified (a file outside the artifact store has no manifest)")
@@ -184,8 +234,12 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"artifact: stage {a['stage']}  id {a['stage']}-{a['content_hash'][:12]}  created {a['created']}")
         if a["other_datasets"]:
             lines.append(f"other datasets: {', '.join(a['other_datasets'])}")
-        if a["summary"]:
-            lines.append("summary: " + ", ".join(f"{k}={_cell(v, 24)}" for k, v in a["summary"].items()))
+        flat = {k: v for k, v in a["summary"].items() if not isinstance(v, dict)}
+        if flat:
+            lines.append("summary: " + ", ".join(f"{k}={_cell(v, 24)}" for k, v in flat.items()))
+        table = _summary_table(a["summary"], 24)
+        if table:
+            lines += ["", *table]
     lines.append("")
     w = max([len(n) for n in info["schema"]] + [6])
     lines.append(f"{'column':<{w}}  {'type':<14} {'nulls':>7}  {'min':<20} {'max':<20}")
@@ -199,7 +253,7 @@ def render(info: dict[str, Any]) -> str:
     head = info["head"]
     if head:
         cols = list(head[0].keys())
-        cells = [[_cell(r[c]) for c in cols] for r in head]
+        cells = [[_cell(r[c], width) for c in cols] for r in head]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cols)))
         lines.append("  ".join("-" * widths[i] for i in range(len(cols))))

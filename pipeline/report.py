@@ -10,12 +10,13 @@ evaluate's summary.parquet), so the report is regenerated, never hand-edited.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from artifacts import ArtifactError, RunStore
+from artifacts import ArtifactError, RunRecord, RunStore
 from artifacts.store import atomic_write_text
 
 RL_STAGES = ("rl_zero", "rl_reasoning")
@@ -178,13 +179,37 @@ def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def readable_artifacts(record: RunRecord) -> dict[str, Path]:
+    """stage -> artifact directory of every stage that has one; ArtifactError when a recorded
+    artifact is missing, or when the run has none at all (a report of nothing is not a success)."""
+    found = {}
+    for name, e in record.stages.items():
+        if not e.path:
+            continue
+        if not (Path(e.path) / "manifest.json").is_file():
+            raise ArtifactError(f"run {record.run_id}: the {name} artifact recorded at {e.path} is missing "
+                                "(moved or deleted?); rerun it with "
+                                f"`r1flow stage {name} --run {record.run_id}`")
+        found[name] = Path(e.path)
+    if not found:
+        raise ArtifactError(f"run {record.run_id} has no artifacts yet (status {record.status}): nothing to report")
+    return found
+
+
 def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
     record = RunStore(root).load(run_id)
-    out = Path(out) if out is not None else root / "runs" / run_id / "report"
+    readable_artifacts(record)
+    out = Path(out) if out is not None else Path(root) / "runs" / run_id / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# r1flow run {run_id}", "", f"status **{record.status}**, preset `{record.preset}`, "
-             f"created {record.created}", "", "## Stages", "", "| stage | status | seconds | artifact |",
-             "|---|---|---|---|"]
+             f"created {record.created}", ""]
+    stale = [n for n, e in record.stages.items() if e.status == "stale"]
+    if stale:
+        first = next(n for n in record.stages if n in stale)
+        lines += [f"> **Stale:** {', '.join(stale)} were computed from upstream artifacts that have since "
+                  "changed; their numbers below describe the old inputs. Bring the run up to date with "
+                  f"`r1flow stage {first} --run {run_id} --downstream`.", ""]
+    lines += ["## Stages", "", "| stage | status | seconds | artifact |", "|---|---|---|---|"]
     for name, e in record.stages.items():
         secs = f"{e.seconds:.1f}" if e.seconds is not None else "–"
         lines.append(f"| {name} | {e.status} | {secs} | `{Path(e.path).name if e.path else '–'}` |")
@@ -212,6 +237,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(Path(args.root), args.run_id, args.out)
     if not path.exists():
         raise ArtifactError(f"report for {args.run_id} was not written")
+    record = RunStore(Path(args.root)).load(args.run_id)
+    stale = [n for n, e in record.stages.items() if e.status == "stale"]
+    if stale:
+        print(f"r1flow report: warning: stale stages ({', '.join(stale)}) describe old inputs", file=sys.stderr)
     print(f"report: {path}")
     for png in sorted(path.parent.glob("*.png")):
         print(f"plot:   {png}")

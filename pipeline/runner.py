@@ -149,6 +149,9 @@ def execute_stage(
 
     record = runs.load(run_id)  # re-read: the stage may have run for a long time
     entry = record.stages[name]
+    if status == "cached" and entry.content_hash == found.manifest.content_hash and entry.status in ("ran", "cached") \
+            and entry.path is not None and Path(entry.path) == Path(found.path).absolute():
+        return StageOutcome(name, status, found.path, seconds, found.manifest.summary)  # the record already says so
     entry.status, entry.path = status, str(found.path)
     entry.cache_key, entry.content_hash = key, found.manifest.content_hash
     entry.finished, entry.seconds, entry.summary = now_iso(), round(seconds, 2), found.manifest.summary
@@ -156,7 +159,9 @@ def execute_stage(
     if previous_hash is not None and previous_hash != found.manifest.content_hash:
         stale = record.mark_stale_after(name, STAGES)
         if stale:
-            log(f"{name}: new artifact; downstream stages now stale: {', '.join(stale)}")
+            record.status = "stale"
+            log(f"{name}: new artifact; downstream stages now stale: {', '.join(stale)} "
+                f"(`r1flow stage {name} --run {run_id} --downstream` recomputes them)")
     runs.save(record)
     return StageOutcome(name, status, found.path, seconds, found.manifest.summary)
 
@@ -228,8 +233,11 @@ def _participate(name: str, cfg: RunConfig, inputs: dict[str, Path], scratch: Pa
 
 
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:
+    """Record how a flow ended; a "succeeded" run that still has stale stages reads "stale"."""
     runs = RunStore(root)
     record = runs.load(run_id)
+    if status == "succeeded" and any(e.status == "stale" for e in record.stages.values()):
+        status = "stale"
     record.status = status
     runs.save(record)
     return record

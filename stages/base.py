@@ -142,7 +142,8 @@ def _pretrain(cfg: Config, corpus_path: Path, out: Path, ctx: StageContext) -> d
 
     model.eval()
     final_loss = metrics.tail_mean("loss", max(1, min(50, cfg.steps // 10)))
-    meta = {"stage": "base", "source": SCRATCH, "preset": cfg.model, "steps": cfg.steps}
+    # the corpus writes its questions as the r1_zero_short prompt: `r1flow generate` renders with it
+    meta = {"stage": "base", "source": SCRATCH, "preset": cfg.model, "steps": cfg.steps, "template": "r1_zero_short"}
     save_checkpoint(out / "checkpoint", model.float(), tok, meta)
     write_table(metrics.table(), out / "metrics.parquet", METRICS_SCHEMA)
     tokens_seen = int(sum(r["value"] for r in metrics.rows if r["name"] == "tokens"))

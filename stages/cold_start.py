@@ -43,7 +43,7 @@ from stages import filters
 from stages.context import StageContext
 from stages.lm_training import encode_text
 from stages.problems import problem_id
-from stages.sampling import (SamplerFactory, conversational, find_checkpoint, messages_type, read_problems,
+from stages.sampling import (SamplerFactory, TemplateName, conversational, find_checkpoint, messages_type, read_problems,
                              sample_train_rows, torch_sampler)
 
 INPUTS: tuple[str, ...] = ("rl_zero", "problems")
@@ -73,7 +73,7 @@ class Config(BaseModel):
     path: str | None = Field(None, description="user cold-start file (Parquet/JSONL: prompt, completion)")
     filter_file: bool = Field(True, description="run the filter chain over a user file's rows too")
 
-    template: str = "r1_zero_short"
+    template: TemplateName = "r1_zero_short"
     max_prompts: int | None = Field(256, ge=1, description="train prompts to sample (seeded subset); None = all")
     samples_per_prompt: int = Field(4, ge=1, description="k completions per prompt")
     keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")

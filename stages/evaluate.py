@@ -56,7 +56,7 @@ from stages import metrics
 from stages.context import StageContext
 from stages.filters import is_language_mixed
 from stages.sampling import (
-    Problem, SamplerFactory, check_prompt_lengths, encode_prompts, find_checkpoint, load_policy,
+    Problem, SamplerFactory, TemplateName, check_prompt_lengths, encode_prompts, find_checkpoint, load_policy,
     read_problems, sample_completions, sampling_params, stage_seed, torch_sampler,
 )
 
@@ -101,7 +101,8 @@ SCALING_SCHEMA = pa.schema([
     pa.field("accuracy", pa.float64(), nullable=False),
     pa.field("tokens_per_problem", pa.float64(), nullable=False),
 ])
-SCHEMAS: dict[str, pa.Schema] = {"eval.parquet": EVAL_SCHEMA, "summary.parquet": SUMMARY_SCHEMA,
+# summary first: `r1flow inspect RUN/evaluate` opens the stage's first dataset (the checkpoint table)
+SCHEMAS: dict[str, pa.Schema] = {"summary.parquet": SUMMARY_SCHEMA, "eval.parquet": EVAL_SCHEMA,
                                  "scaling.parquet": SCALING_SCHEMA}
 
 
@@ -110,7 +111,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str = "r1_zero_short"
+    template: TemplateName = "r1_zero_short"
     max_problems: int | None = Field(200, ge=1, description="test problems (evenly spaced subset); None = all")
     k: int = Field(4, ge=1, description="samples per problem for pass@1, maj@k, pass@k")
     temperature: float = Field(0.6, gt=0)

@@ -74,6 +74,7 @@ from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_checkpoint
 from lm.checkpoint import save_resume as save_resume_state
+from lm.logprobs import completion_logprobs
 from lm.model import Transformer
 from lm.sampler import Generation, Sampler, SamplingParams, TorchSampler, completion_text
 from lm.tokenizer import Tokenizer
@@ -85,11 +86,13 @@ from stages.context import StageContext
 from stages.grpo_loss import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, LossScale, clipped_value_loss, gae_advantages,
                               grpo_loss, mask_truncated, outcome_token_rewards, whiten)
 from stages.metrics import METRICS_SCHEMA
-from stages.sampling import (Problem, check_prompt_lengths, choose, encode_prompts, load_policy, read_problems,
+from stages.sampling import (Problem, TemplateName, check_prompt_lengths, choose, encode_prompts, load_policy, read_problems,
                              sample_completions, sampling_params, stage_seed)
 
 # --------------------------------------------------------------------------------------------------
 # Config
+
+
 
 
 class GRPOConfig(BaseModel):
@@ -100,7 +103,7 @@ class GRPOConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str = "r1_zero_short"  # chat template the prompt is rendered with
+    template: TemplateName = "r1_zero_short"  # chat template the prompt is rendered with
     # reward name or user reference ("file.py:fn", "pkg.mod:fn", "verl:...") -> weight
     rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     # per-reward keyword options, e.g. {overlong_penalty = {max_length = 96, cache_length = 24}}

@@ -35,7 +35,7 @@ from artifacts.store import write_table
 from rewards import accuracy_reward
 from stages import filters
 from stages.context import StageContext
-from stages.sampling import SamplerFactory, conversational, messages_type, sample_train_rows, torch_sampler
+from stages.sampling import SamplerFactory, TemplateName, conversational, messages_type, sample_train_rows, torch_sampler
 
 INPUTS: tuple[str, ...] = ("rl_reasoning", "problems")
 
@@ -76,7 +76,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str = "r1_zero_short"
+    template: TemplateName = "r1_zero_short"
     max_prompts: int | None = Field(None, ge=1, description="train prompts to sample (seeded subset); None = all")
     samples_per_prompt: int = Field(4, ge=1, description="N completions per prompt")
     keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")

@@ -24,12 +24,18 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import AfterValidator
 
 from lm import distributed
+from lm.chat_template import known_template
 from lm.sampler import Generation, Sampler, SamplingParams, completion_text
 from lm.tokenizer import ANSWER_END, Tokenizer
 from stages.lm_training import encode_prompt
+
+TemplateName = Annotated[str, AfterValidator(known_template)]
+"""A config field naming a prompt template, checked when the config loads."""
 
 SamplerFactory = Callable[[Any, Tokenizer, int], Sampler]
 """(model, tokenizer, batch_size) -> Sampler; stages take one so tests can inject a fake."""

@@ -29,6 +29,22 @@ def test_full_flow_on_micro_preset(micro_run):
         assert 0.0 <= ev[ckpt]["pass@1"] <= 1.0 and ev[ckpt]["params"] > 0
 
 
+def test_prefect_ui_names_runs_and_scopes_artifacts(micro_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, ArtifactFilterType, FlowRunFilter,
+                                                FlowRunFilterName)
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["micro-1"])))
+        assert runs and "preset:micro" in runs[0].tags  # named by the r1flow run id, tagged with its preset
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["micro-1-evaluate-summary"])))
+        assert table, "the evaluate table is keyed per run"
+        rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+        assert {r["checkpoint"] for r in rows} >= {"base", "rl_zero", "sft", "rl_reasoning"}
+        assert not client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+
+
 def test_second_identical_run_reuses_every_stage(micro_run):
     root, _, _ = micro_run
     code, out = cli("run", "--preset", "micro", "--root", str(root), "--run-id", "micro-2", "--json")
@@ -52,14 +68,25 @@ def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
         assert after.stages[up] == before.stages[up]  # upstream untouched
     for down in ("rl_reasoning", "rejection_sampling", "dpo", "distill", "evaluate"):
         assert after.stages[down].status == "stale"
+    assert after.status == "stale"
     code, out = cli("runs", "--root", str(root))
     assert "stale" in out
+    # one command brings the run up to date: sft is a hit on its own artifact (its "ran" entry
+    # stays as it was), every stale stage after it is recomputed
+    code, _ = cli("stage", "sft", "--run", run_id, "--root", str(root), "--downstream")
+    assert code == 0
+    final = RunStore(root).load(run_id)
+    assert final.status == "succeeded"
+    assert final.stages["sft"] == after.stages["sft"]
+    assert all(final.stages[d].status == "ran" for d in ("rl_reasoning", "rejection_sampling", "distill", "evaluate"))
 
 
 def test_cached_stage_rerun_and_force(micro_copy):
     root, run_id = micro_copy
+    before = RunStore(root).load(run_id).stages["cold_start"]
     code, _ = cli("stage", "cold_start", "--run", run_id, "--root", str(root))
-    assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "cached"
+    # a hit on the artifact the record already names: its "ran" entry (and time) stay as they were
+    assert code == 0 and RunStore(root).load(run_id).stages["cold_start"] == before and before.status == "ran"
     code, _ = cli("stage", "cold_start", "--run", run_id, "--root", str(root), "--force")
     assert code == 0 and RunStore(root).load(run_id).stages["cold_start"].status == "ran"
 

@@ -93,3 +93,55 @@ def test_generate_refuses_corrupt_or_nan_weights(micro_copy, capsys):
     code, out = cli("generate", "--model", str(outside), "--prompt", "hi", "--json", "--root", str(root))
     assert code == 2 and out == ""
     assert "non-finite log-probabilities" in capsys.readouterr().err
+@pytest.fixture
+def fake_run(tmp_path):
+    """A run record whose rl_zero and distill artifacts hold toy checkpoints (no Prefect, no training)."""
+    import torch
+
+    from artifacts import RunStore
+    from lm.checkpoint import save_checkpoint
+    from lm.model import ModelConfig, Transformer
+    from lm.tokenizer import train_bpe
+    from pipeline.config import STAGES
+
+    tok = train_bpe(["User: add one and two\nAssistant: <think> one plus two </think> <answer> 3 </answer>"] * 4,
+                    256 + 8 + 16)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    ffn_dim=64, max_seq_len=64))
+    rl = tmp_path / "artifacts" / "rl_zero" / "k1"
+    save_checkpoint(rl / "checkpoint", model, tok, {"stage": "rl_zero", "config": {"template": "r1_zero_short"}})
+    distill = tmp_path / "artifacts" / "distill" / "k2"
+    save_checkpoint(distill / "students" / "micro", model, tok, {"stage": "distill", "template": "r1_zero_short"})
+    runs = RunStore(tmp_path)
+    record = runs.create({}, STAGES, preset="micro", run_id="fake")
+    record.stages["rl_zero"].status, record.stages["rl_zero"].path = "ran", str(rl)
+    record.stages["distill"].status, record.stages["distill"].path = "ran", str(distill)
+    runs.save(record)
+    return tmp_path, tok
+
+
+def test_generate_renders_the_prompt_as_the_checkpoint_was_trained(fake_run):
+    root, tok = fake_run
+    code, out = cli("generate", "--model", "fake/rl_zero", "--prompt", "What is 2 + 3?", "--max-new-tokens", "4",
+                    "--json", "--root", str(root))
+    assert code == 0
+    g = json.loads(out)
+    assert g["template"] == "r1_zero_short"  # what rl_zero trained with, not a 280-token chat wrapper
+    assert g["prompt_tokens"] == len(tok.encode("User: What is 2 + 3?\nAssistant:", allow_special=True))
+    assert "<|endoftext|>" not in g["text"] and "<|pad|>" not in g["text"]
+    code, raw = cli("generate", "--model", "fake/rl_zero", "--prompt", "What is 2 + 3?", "--template", "none",
+                    "--max-new-tokens", "4", "--json", "--root", str(root))
+    assert code == 0 and json.loads(raw)["prompt_tokens"] < g["prompt_tokens"]
+
+
+def test_students_by_their_obvious_names(fake_run, capsys):
+    root, _ = fake_run
+    outs = []
+    for source in ("fake/distill", "fake/student:micro", "fake/distill/micro", "fake/distill/students/micro"):
+        code, out = cli("generate", "--model", source, "--prompt", "1 + 1", "--max-new-tokens", "3", "--root", str(root))
+        assert code == 0, source
+        outs.append(out)
+    assert len(set(outs)) == 1
+    code, _ = cli("generate", "--model", "fake/student:nobody", "--prompt", "x", "--root", str(root))
+    assert code == 2 and "its students: micro" in capsys.readouterr().err

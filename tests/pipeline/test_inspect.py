@@ -68,6 +68,10 @@ def test_inspect_resolves_run_stage(tmp_path, capsys):
     (["{small}", "--where", "nope > 1"], "no column 'nope'"),
     (["{small}", "--where", "reward"], "expected 'column op value'"),
     (["norun/sft"], "no such file, artifact directory or RUN_ID/STAGE"),
+    (["{small}", "--where", "reward=>1"], "cannot parse '=>1' as an operator and a value"),
+    (["{small}", "--where", "reward >= high"], "reward is double, but 'high' is not a number"),
+    (["{small}", "--where", "step ~ 1"], "~ (substring) needs a string column"),
+    (["{small}", "--rows", "-1"], "--rows -1: expected 0 or more rows"),
 ])
 def test_inspect_bad_input_is_a_clear_error(tmp_path, small, capsys, args, message):
     junk = tmp_path / "junk.parquet"
@@ -126,3 +130,44 @@ def test_inspect_verifies_artifacts_and_says_when_it_cannot(micro_copy, tmp_path
     pq.write_table(pa.table({"x": [1]}), plain)
     code, out = cli("inspect", str(plain), "--root", str(root))
     assert code == 0 and "content: not verified" in out
+def _artifact(tmp_path, stage, tables, summary, run_id="r7"):
+    store = ArtifactStore(tmp_path)
+
+    def produce(out):
+        for name, table in tables.items():
+            pq.write_table(table, out / name)
+        return summary
+
+    import stages.cold_start  # noqa: F401  (the stage's SCHEMAS name its main dataset)
+    m = store.write(stage, "c" * 64, {}, {}, produce, code="v")
+    runs = RunStore(tmp_path)
+    rec = runs.create({}, [stage], run_id=run_id)
+    rec.stages[stage].status, rec.stages[stage].path = "ran", str(store.path_for(stage, m.cache_key))
+    runs.save(rec)
+
+
+def test_inspect_opens_the_stage_main_dataset_and_lists_the_others(tmp_path, capsys):
+    _artifact(tmp_path, "cold_start", {"candidates.parquet": pa.table({"x": [1, 2, 3]}),
+                                       "cold_start.parquet": pa.table({"prompt": ["p"], "completion": ["c"]})}, {})
+    assert main(["inspect", "r7/cold_start", "--root", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"].endswith("cold_start.parquet") and info["artifact"]["other_datasets"] == ["candidates.parquet"]
+
+
+def test_inspect_evaluate_shows_summary_and_a_checkpoint_by_metric_table(tmp_path, capsys):
+    summary = {"base": {"pass@1": 0.25, "format_rate": 0.5}, "sft": {"pass@1": 0.75, "format_rate": 1.0},
+               "best_pass@1": 0.75}
+    _artifact(tmp_path, "evaluate", {"eval.parquet": pa.table({"completion": ["x" * 100]}),
+                                     "summary.parquet": pa.table({"checkpoint": ["base", "sft"]})}, summary)
+    assert main(["inspect", "r7/evaluate", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("summary.parquet")
+    header = next(line for line in out.splitlines() if "pass@1" in line and "format_rate" in line)
+    cols = header.split()
+    assert sorted(cols) == ["format_rate", "pass@1"]
+    sft = next(line.split() for line in out.splitlines() if line.startswith("sft "))
+    assert dict(zip(cols, sft[1:])) == {"pass@1": "0.75", "format_rate": "1"}
+    assert main(["inspect", "r7/evaluate/eval", "--root", str(tmp_path), "--width", "12"]) == 0
+    assert "x" * 11 + "…" in capsys.readouterr().out
+    assert main(["inspect", "r7/evaluate/eval", "--root", str(tmp_path), "--full"]) == 0
+    assert "x" * 100 in capsys.readouterr().out

@@ -29,7 +29,12 @@ def test_second_execution_is_a_cache_hit(tmp_path):
     assert (first.status, second.status) == ("ran", "cached")
     assert second.path == first.path and second.seconds == 0.0
     entry = RunStore(tmp_path).load("r1").stages["problems"]
-    assert entry.status == "cached" and entry.content_hash is not None
+    # the hit found what the record already says: its "ran" entry (and time) stay as they were
+    assert entry.status == "ran" and entry.seconds == round(first.seconds, 2) and entry.content_hash is not None
+    new_run(tmp_path, run_id="r2")
+    third = execute_stage("problems", cfg, "r2", tmp_path, log=quiet)
+    entry = RunStore(tmp_path).load("r2").stages["problems"]
+    assert third.status == "cached" and entry.status == "cached" and entry.seconds == 0.0
     assert not (tmp_path / "work" / "problems").exists() or not any((tmp_path / "work" / "problems").iterdir())
 
 
@@ -58,6 +63,7 @@ def test_new_artifact_marks_downstream_stale(tmp_path):
     assert after.stages["problems"].status == "ran"
     assert after.stages["base"].status == "stale" and after.stages["rl_zero"].status == "stale"
     assert after.stages["sft"].status == "pending"  # never produced: nothing to call stale
+    assert after.status == "stale"
 
 
 def test_failure_is_recorded_with_its_message(tmp_path, monkeypatch):
