@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pydantic import ValidationError
 
 from artifacts.store import schema_problems
 from lm.checkpoint import read_safetensors, save_checkpoint
@@ -375,21 +376,23 @@ def test_summarize_headlines() -> None:
 
 
 def test_config_rejects_unknown_keys_and_bad_values() -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="nope\n  Extra inputs are not permitted"):
         GRPOConfig(nope=1)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="mu\n  Input should be greater than or equal to 1"):
         GRPOConfig(mu=0)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="group_size\n  Input should be greater than or equal to 2"):
         GRPOConfig(group_size=1)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="loss_aggregation"):
         GRPOConfig(loss_aggregation="mean")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="tis_cap"):
         GRPOConfig(tis_cap=0.0)
+    with pytest.raises(ValidationError, match="unknown reward 'accuracyy'"):
+        GRPOConfig(rewards={"accuracyy": 1.0})
+    with pytest.raises(ValidationError, match="unknown template 'r1'"):
+        GRPOConfig(template="r1")
 
 
 def test_config_names_come_from_the_registries() -> None:
-    from pydantic import ValidationError
-
     from stages.grpo_loss import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
 
     for key, registry in (("policy_loss", POLICY_LOSSES), ("advantage", ADVANTAGES),
