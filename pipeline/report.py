@@ -1,9 +1,12 @@
 """`r1flow report RUN_ID`: a Markdown report with PNG plots of a run.
 
-Plots: the RL curves (reward, accuracy, format rate, language consistency, completion length over
-steps, rl_zero and rl_reasoning side by side), the per-checkpoint evaluation as a bar chart, and
-inference-time scaling (accuracy against generated tokens per problem for maj@k, weighted
-majority, best-of-k and pass@k at k = 1, 2, 4, ... K; evaluate's scaling.parquet).
+Plots, as a practitioner reads training curves: `rl_curves.png` is a grid with one metric per panel
+(eval pass@1 and format rate, batch reward, response length, KL, entropy, clip fraction, loss, grad
+norm, language consistency) against the GRPO step, rl_zero and rl_reasoning in fixed colours; rates
+on a 0-100% axis. `eval.png` is one panel per metric (pass@1, maj@k, pass@k, greedy accuracy,
+format rate; k stated), a labelled bar per checkpoint. `scaling.png` is inference-time scaling
+(accuracy against generated tokens per problem for maj@k, weighted majority, best-of-k and pass@k at
+k = 1, 2, 4, ... K; evaluate's scaling.parquet).
 Everything is read from the run's artifacts (metrics.parquet in long format step/name/value,
 evaluate's summary.parquet), so the report is regenerated, never hand-edited.
 """
@@ -20,16 +23,23 @@ from artifacts import ArtifactError, RunRecord, RunStore
 from artifacts.store import atomic_write_text
 
 RL_STAGES = ("rl_zero", "rl_reasoning")
-# (panel title, file stem, metric-name predicate); the first matching name per stage is plotted.
-RL_PANELS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("mean reward", "reward", ("reward/mean", "reward_mean", "reward")),
-    ("accuracy", "accuracy", ("reward/accuracy", "accuracy")),
-    ("format rate", "format", ("format_rate", "reward/format", "format")),
-    ("language consistency", "language", ("language_consistency", "reward/language_consistency")),
-    ("mean completion length (tokens)", "length", ("completion_length/mean", "mean_completion_length",
-                                                   "length/mean", "completion_len_mean")),
+STAGE_COLORS = {"rl_zero": "tab:blue", "rl_reasoning": "tab:orange"}  # one colour per stage in every panel
+# The training curves a practitioner reads, one metric per panel: (title, candidate metric names,
+# whether it is a rate shown in %). The first name a stage logged is plotted.
+RL_PANELS: list[tuple[str, tuple[str, ...], bool]] = [
+    ("eval pass@1 (test split)", ("eval/pass@1",), True),
+    ("eval format rate", ("eval/format_rate",), True),
+    ("batch reward (train)", ("reward_mean", "reward/mean"), False),
+    ("response length (tokens)", ("completion_len_mean", "completion_length/mean"), False),
+    ("KL to reference", ("kl",), False),
+    ("entropy (nats/token)", ("entropy",), False),
+    ("clip fraction", ("clip_high", "clip_low"), True),
+    ("loss", ("loss",), False),
+    ("grad norm (pre-clip)", ("grad_norm",), False),
+    ("language consistency", ("language_consistency", "reward/language_consistency"), True),
 ]
-EVAL_BARS = ("pass@1", "maj@k", "format_rate", "language_mix_rate")
+PANEL_COLUMNS = 3
+EVAL_BARS = ("pass@1", "maj@k", "pass@k", "greedy_accuracy", "format_rate")
 
 
 def _metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
@@ -52,58 +62,88 @@ def _pick(series: dict[str, Any], candidates: tuple[str, ...]) -> str | None:
     return None
 
 
+def rl_panels(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> list[tuple[str, bool, dict[str, list]]]:
+    """The panels there is data for: (title, is_rate, stage -> sorted [(step, value)])."""
+    out = []
+    for title, candidates, rate in RL_PANELS:
+        lines = {}
+        for stage, series in curves.items():
+            name = _pick(series, candidates)
+            if name:
+                lines[stage] = sorted(series[name])
+        if lines:
+            out.append((title, rate, lines))
+    return out
+
+
 def _plot_rl(curves: dict[str, dict[str, list[tuple[float, float]]]], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(title, stem, cands) for title, stem, cands in RL_PANELS
-              if any(_pick(s, cands) for s in curves.values())]
+    panels = rl_panels(curves)
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, _, cands) in zip(axes[0], panels):
-        for stage, series in curves.items():
-            name = _pick(series, cands)
-            if name:
-                xs, ys = zip(*sorted(series[name]))
-                ax.plot(xs, ys, label=stage, linewidth=1.5)
-        ax.set_title(title)
-        ax.set_xlabel("GRPO step")
+    cols = min(PANEL_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (title, rate, lines) in zip(axes.flat, panels):
+        for stage, pts in lines.items():
+            xs, ys = zip(*pts)
+            ys = [100.0 * y for y in ys] if rate else list(ys)
+            ax.plot(xs, ys, label=stage, color=STAGE_COLORS.get(stage), linewidth=1.5,
+                    marker="o" if len(xs) <= 12 else None, markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        if rate:
+            ax.set_ylabel("%", fontsize=8)
+            ax.set_ylim(-2, 102)  # rates on their whole scale: no 0.991-1.000 axes
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(out / "rl_curves.png", dpi=110)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncols=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out / "rl_curves.png", dpi=100)
     plt.close(fig)
     return ["rl_curves.png"]
 
 
 def _plot_eval(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """One panel per metric, one labelled bar per checkpoint (0% bars drawn as a visible stub)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    bars = [b for b in EVAL_BARS if rows and b in rows[0]]
+    bars = [b for b in EVAL_BARS if rows and any(r.get(b) is not None for r in rows)]
     if not rows or not bars:
         return []
     names = [r["checkpoint"] for r in rows]
-    x = np.arange(len(names))
-    w = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names)), 3.8))
-    for i, b in enumerate(bars):
-        vals = [100.0 * (r[b] or 0.0) for r in rows]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * w, vals, w, label=b)
-    ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.set_title("evaluation on the held-out test split")
-    ax.legend(ncols=len(bars), fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
+    k = rows[0].get("k")
+    cols = min(len(bars), 3)
+    nrows = -(-len(bars) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(4.2, 0.9 * len(names) + 1.5) * cols, 3.4 * nrows),
+                             squeeze=False)
+    for ax, metric in zip(axes.flat, bars):
+        vals = [100.0 * (r.get(metric) or 0.0) for r in rows]
+        drawn = ax.bar(range(len(names)), [max(v, 0.6) for v in vals], color="tab:blue")
+        ax.bar_label(drawn, labels=[f"{v:.0f}%" if r.get(metric) is not None else "–" for v, r in zip(vals, rows)],
+                     fontsize=8, padding=2)
+        title = metric.replace("@k", f"@{k}") if k else metric
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 112)
+        ax.set_ylabel("%", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(bars):]:
+        ax.axis("off")
+    fig.suptitle(f"evaluation on the held-out test split (k = {k} samples per problem)" if k
+                 else "evaluation on the held-out test split", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "eval.png", dpi=110)
+    fig.savefig(out / "eval.png", dpi=100)
     plt.close(fig)
     return ["eval.png"]
 
