@@ -187,6 +187,13 @@ def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
     return result
 
 
+def merged_students(existing: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The run's students so far, then the named presets it does not have yet: a scheduled distill
+    adds students to the teacher's run, it never drops earlier ones."""
+    have = {s["name"] for s in existing}
+    return [*existing, *({"name": n, "model": n} for n in dict.fromkeys(names) if n not in have)]
+
+
 @flow(name="distill", flow_run_name="distill-{teacher_run}", log_prints=True)
 def distill_flow(teacher_run: str, students: list[str], root: str, overrides: list[str] | None = None) -> dict:
     """Distill the teacher run's rejection-sampled data into the given students.
@@ -194,7 +201,8 @@ def distill_flow(teacher_run: str, students: list[str], root: str, overrides: li
     The students' artifacts are written into the teacher's run (its `distill` stage), so
     `r1flow inspect TEACHER/distill` and `r1flow runs` show them; `evaluate` becomes stale.
     """
-    student_specs = [{"name": s, "model": s} for s in students]
     with RunStore(root).lock(teacher_run):  # distill jobs run on node 0 only
+        existing = RunStore(Path(root)).load(teacher_run).config.get("distill", {}).get("students", [])
+        student_specs = merged_students(existing, students)
         update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
         return stage_task("distill", teacher_run, root)

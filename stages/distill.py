@@ -173,6 +173,9 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     for spec in cfg.students:
         seed = _student_seed(ctx.seed, spec.name)
         student, tok = _init_student(spec, teacher, teacher_tok, device, seed)
+        if student.num_params() >= teacher.num_params():
+            ctx.log(f"distill: warning: student {spec.name!r} has {student.num_params():,} parameters, not fewer "
+                    f"than the teacher's {teacher.num_params():,}: this is not distillation into a smaller model")
         if cfg.kd_weight > 0 and student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"student {spec.name!r}: token-level KD (kd_weight > 0) needs the teacher's "
                              f"vocabulary ({teacher.config.vocab_size}), the student has "

@@ -91,3 +91,11 @@ def test_cache_key_records_the_dtype_the_stage_runs_in(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     _, payload = stage_key("problems", cfg, {})
     assert payload["dtype"] == "bf16"
+
+
+def test_a_scheduled_distill_keeps_the_runs_earlier_students():
+    from pipeline.flows import merged_students
+
+    earlier = [{"name": "micro", "model": "micro", "init": "scratch"}]
+    assert merged_students(earlier, ["tiny-student", "micro", "tiny-student"]) == [
+        earlier[0], {"name": "tiny-student", "model": "tiny-student"}]

@@ -311,3 +311,9 @@ def test_on_policy_needs_the_teachers_tokenizer(tmp_path, on_policy_inputs):
         run_distill(tmp_path, on_policy_inputs, students=[{"name": "w", "init": str(init)}], **ON_POLICY)
     with pytest.raises(pydantic.ValidationError, match="kd_weight"):
         stage.Config(mode="on_policy", kd_weight=0.5)
+def test_a_student_not_smaller_than_the_teacher_is_warned_about(tmp_path, inputs):
+    logs: list[str] = []
+    ctx = StageContext(seed=0, log=logs.append, progress=lambda it, **_: it)
+    run_distill(tmp_path, inputs, ctx=ctx, steps=1, baseline=False,
+                students=[{"name": "same", "init": str(inputs["rl_reasoning"] / "checkpoint")}])
+    assert any("warning: student 'same'" in m and "not fewer than the teacher" in m for m in logs)
