@@ -165,12 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: text, token ids, log-probs, top log-probs")
     _add_root(p)
 
-    p = sub.add_parser("export", help="write a model for transformers / vLLM (hf), llama.cpp (gguf) or PEFT")
+    p = verb("export", "write a model for transformers / vLLM (hf), llama.cpp (gguf) or PEFT")
     p.add_argument("source", help="what `generate --model` takes: RUN_ID/STAGE, a student, a checkpoint dir, ...")
     p.add_argument("out", type=Path, help="output directory (hf, peft) or .gguf file")
-    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"])
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf (transformers / vLLM directory), gguf (llama.cpp file) or peft (LoRA adapter)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "f16", "q8_0"],
-                   help="weights' type (q8_0: GGUF only; default fp32)")
+                   help="weights' type (q8_0: GGUF only)")
     p.add_argument("--merge-lora", action="store_true", help="SOURCE is a PEFT adapter: merge it into its base")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_root(p)

@@ -56,7 +56,7 @@ def export_model(source: str, out: Path, *, fmt: str, dtype: str = "fp32", merge
         raise ExportError("--format peft writes the adapter as trained: no --merge-lora, no --dtype")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    path = resolve_source(source, root) if root is not None else source
+    path = resolve_source(source, root)[0] if root is not None else source
     if fmt == "peft":
         return _export_peft(source, Path(path), out, root)
     model, tok = _load(source, path, merge_lora)

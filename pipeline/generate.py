@@ -93,14 +93,16 @@ def _stage_template(record: RunRecord, stage: str) -> str | None:
 
 def checkpoint_template(source: str) -> str | None:
     """The template an r1flow checkpoint's stage recorded in its meta (None: not recorded / not r1flow)."""
+    from lm.checkpoint import CheckpointError, is_checkpoint, read_meta
+
     for d in (Path(source), Path(source) / "checkpoint"):
-        f = d / "config.json"
-        if f.is_file():
+        if d.is_dir() and is_checkpoint(d):
             try:
-                meta = json.loads(f.read_text()).get("meta", {})
-            except (json.JSONDecodeError, AttributeError):
+                meta = read_meta(d)
+            except CheckpointError:
                 return None
-            return meta.get("template") or (meta.get("config") or {}).get("template")
+            template = meta.get("template") or (meta.get("config") or {}).get("template")
+            return template if isinstance(template, str) else None
     return None
 
 
