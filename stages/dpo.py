@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from artifacts.store import read_table, write_table
+from artifacts.store import open_parquet, read_table, write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.logprobs import token_logprobs
 from lm.model import Transformer
@@ -203,10 +203,13 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     if tok is None:
         raise ValueError(f"{start_dir} has no tokenizer")
     path = Path(inputs["rejection_sampling"]) / PAIRS_FILE
-    table = read_table(path, pa.schema([pa.field(c, pa.string()) for c in ("prompt", "chosen", "rejected")]),
-                       columns=["prompt", "chosen", "rejected"])
-    cols = {c: [v or "" for v in table.column(c).to_pylist()] for c in ("prompt", "chosen", "rejected")} \
-        if table.num_rows else {"prompt": [], "chosen": [], "rejected": []}
+    # r1flow's own pairs keep the plain strings in `*_text` (their prompt/chosen/rejected are TRL's chat
+    # messages); a user's file may have them as plain `prompt`/`chosen`/`rejected` strings.
+    names = open_parquet(path).schema_arrow.names if path.is_file() else []
+    suffix = "_text" if "chosen_text" in names else ""
+    columns = [f"{c}{suffix}" for c in ("prompt", "chosen", "rejected")]
+    table = read_table(path, pa.schema([pa.field(c, pa.string()) for c in columns]), columns=columns)
+    cols = {c: [v or "" for v in table.column(f"{c}{suffix}").to_pylist()] for c in ("prompt", "chosen", "rejected")}
     max_len = min(cfg.seq_len, policy.config.max_seq_len)
     pairs, dropped = tokenize_preference_pairs(tok, render_prompts(tok, cols["prompt"], cfg.template),
                                                cols["chosen"], cols["rejected"], max_len)

@@ -56,9 +56,20 @@ def start_dir(tmp_path_factory) -> Path:
     return d
 
 
-def write_pairs(d: Path, rows: list[dict]) -> Path:
+def write_pairs(d: Path, rows: list[dict], plain: bool = False) -> Path:
+    """rejection_sampling's file (chat messages + `*_text` strings), or a user's plain-string pairs."""
     d.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_PAIRS_SCHEMA), d / "preference_pairs.parquet")
+    if plain:
+        table = pa.Table.from_pylist(rows)
+    else:
+        def turn(role: str, text: str) -> list[dict]:
+            return [{"role": role, "content": text}]
+        table = pa.Table.from_pylist(
+            [r | {"prompt": turn("user", r["prompt"]), "chosen": turn("assistant", r["chosen"]),
+                  "rejected": turn("assistant", r["rejected"]), "prompt_text": r["prompt"],
+                  "chosen_text": r["chosen"], "rejected_text": r["rejected"]} for r in rows],
+            schema=PREFERENCE_PAIRS_SCHEMA)
+    pq.write_table(table, d / "preference_pairs.parquet")
     return d
 
 
@@ -71,9 +82,9 @@ def run(start: Path, pairs: Path, out: Path, ctx: StageContext | None = None, **
                      ctx or quiet())
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_dpo_raises_the_chosen_minus_rejected_margin(start_dir, tmp_path, loss) -> None:
-    pairs = write_pairs(tmp_path / "rs", pair_rows(24))
+@pytest.mark.parametrize("loss,plain", [("sigmoid", False), ("ipo", False), ("sigmoid", True)])
+def test_dpo_raises_the_chosen_minus_rejected_margin(start_dir, tmp_path, loss, plain) -> None:
+    pairs = write_pairs(tmp_path / "rs", pair_rows(24), plain=plain)
     summary = run(start_dir, pairs, tmp_path / "out", loss=loss)
     json.dumps(summary)
     assert summary["pairs"] == 24 and summary["steps"] == 12
