@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from artifacts import ArtifactError, RunRecord, RunStore
+from artifacts import ArtifactError, RunRecord, RunStore, verify
 from artifacts.store import atomic_write_text
 
 RL_STAGES = ("rl_zero", "rl_reasoning")
@@ -220,8 +220,8 @@ def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def readable_artifacts(record: RunRecord) -> dict[str, Path]:
-    """stage -> artifact directory of every stage that has one; ArtifactError when a recorded
-    artifact is missing, or when the run has none at all (a report of nothing is not a success)."""
+    """stage -> artifact directory of every stage that has one, each verified against its manifest;
+    ArtifactError when a recorded artifact is missing or corrupt, or when the run has none at all (a report of nothing is not a success)."""
     found = {}
     for name, e in record.stages.items():
         if not e.path:
@@ -230,6 +230,7 @@ def readable_artifacts(record: RunRecord) -> dict[str, Path]:
             raise ArtifactError(f"run {record.run_id}: the {name} artifact recorded at {e.path} is missing "
                                 "(moved or deleted?); rerun it with "
                                 f"`r1flow stage {name} --run {record.run_id}`")
+        verify(e.path)  # cheap: re-hashes only files whose size/mtime/inode changed since they were hashed
         found[name] = Path(e.path)
     if not found:
         raise ArtifactError(f"run {record.run_id} has no artifacts yet (status {record.status}): nothing to report")

@@ -133,6 +133,16 @@ def test_report_on_a_run_it_cannot_read_is_an_error(tmp_path, capsys):
     assert "artifact recorded at" in capsys.readouterr().err
 
 
+def test_report_on_a_corrupt_artifact_is_an_error(tmp_path, capsys):
+    outcome = _problems_run(tmp_path)
+    data = outcome.path / "problems.parquet"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, still a file: only its hash (and mtime) tell
+    data.write_bytes(bytes(raw))
+    assert cli("report", "r1", "--root", str(tmp_path))[0] == 2
+    assert "problems.parquet" in capsys.readouterr().err
+
+
 def test_report_says_which_stages_are_stale(tmp_path, capsys):
     outcome = _problems_run(tmp_path)
     runs = RunStore(tmp_path)
