@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from artifacts.store import open_parquet, read_table, write_table
+from artifacts.store import read_table, write_table
 from lm.checkpoint import load_checkpoint, save_checkpoint
 from lm.logprobs import token_logprobs
 from lm.model import Transformer
@@ -45,7 +45,7 @@ from lm.tokenizer import Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
 from stages.dpo_loss import DPO_LOSSES, dpo_loss, sequence_logps
-from stages.lm_training import (BatchPlan, Example, Metrics, collate, lr_schedule, render_prompts,
+from stages.lm_training import (BatchPlan, Example, Metrics, collate, lr_schedule, plain_text_columns, render_prompts,
                                 save_resume, start_or_resume, tokenize_pairs)
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import find_checkpoint
@@ -203,13 +203,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     if tok is None:
         raise ValueError(f"{start_dir} has no tokenizer")
     path = Path(inputs["rejection_sampling"]) / PAIRS_FILE
-    # r1flow's own pairs keep the plain strings in `*_text` (their prompt/chosen/rejected are TRL's chat
-    # messages); a user's file may have them as plain `prompt`/`chosen`/`rejected` strings.
-    names = open_parquet(path).schema_arrow.names if path.is_file() else []
-    suffix = "_text" if "chosen_text" in names else ""
-    columns = [f"{c}{suffix}" for c in ("prompt", "chosen", "rejected")]
+    names = ("prompt", "chosen", "rejected")
+    columns = plain_text_columns(path, names)
     table = read_table(path, pa.schema([pa.field(c, pa.string()) for c in columns]), columns=columns)
-    cols = {c: [v or "" for v in table.column(f"{c}{suffix}").to_pylist()] for c in ("prompt", "chosen", "rejected")}
+    cols = {n: [v or "" for v in table.column(c).to_pylist()] for n, c in zip(names, columns)}
     max_len = min(cfg.seq_len, policy.config.max_seq_len)
     pairs, dropped = tokenize_preference_pairs(tok, render_prompts(tok, cols["prompt"], cfg.template),
                                                cols["chosen"], cols["rejected"], max_len)

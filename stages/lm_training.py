@@ -634,6 +634,14 @@ def read_text_columns(path: Path, columns: Sequence[str], what: str) -> dict[str
     return {c: [v if v is not None else "" for v in table.column(c).to_pylist()] for c in columns}
 
 
+def plain_text_columns(path: Path, columns: Sequence[str]) -> list[str]:
+    """The names under which a Parquet file holds `columns` as plain strings: r1flow's own SFT and
+    preference files keep them as `<name>_text` (their `<name>` columns are TRL's chat messages);
+    other files have them as `<name>`."""
+    names = open_parquet(path).schema_arrow.names if Path(path).is_file() else []
+    return [f"{c}_text" if f"{c}_text" in names else c for c in columns]
+
+
 def read_pairs(path: Path, tok: Tokenizer, template: str | None, seq_len: int,
                what: str) -> tuple[list[Example], TokenizeReport]:
     """The (prompt, completion) rows of a Parquet file as training examples (prompts rendered with
@@ -642,8 +650,7 @@ def read_pairs(path: Path, tok: Tokenizer, template: str | None, seq_len: int,
     r1flow's own SFT files keep the plain strings in `prompt_text`/`completion_text` (their
     `prompt`/`completion` are TRL's chat messages); other files have them as `prompt`/`completion`.
     """
-    names = open_parquet(path).schema_arrow.names if Path(path).is_file() else []
-    p, c = ("prompt_text", "completion_text") if "prompt_text" in names else ("prompt", "completion")
+    p, c = plain_text_columns(path, ("prompt", "completion"))
     cols = read_text_columns(path, [p, c], what)
     prompts = render_prompts(tok, cols[p], template)
     examples, report = tokenize_pairs(tok, prompts, cols[c], seq_len)
