@@ -16,11 +16,12 @@ from artifacts.store import (
     read_table,
     schema_problems,
     verify,
+    verify_enclosing,
     write_table,
 )
 
 __all__ = [
     "MANIFEST", "Artifact", "ArtifactError", "ArtifactStore", "Manifest", "RunRecord", "RunStore", "StageEntry",
     "cache_key", "code_version", "content_hash", "default_root", "enclosing_artifact", "new_run_id", "open_parquet",
-    "read_manifest", "read_table", "schema_problems", "verify", "write_table",
+    "read_manifest", "read_table", "schema_problems", "verify", "verify_enclosing", "write_table",
 ]

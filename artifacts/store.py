@@ -320,6 +320,15 @@ def enclosing_artifact(path: Path | str) -> Path | None:
     return None
 
 
+
+def verify_enclosing(path: Path | str) -> Path | None:
+    """Verify the artifact holding `path` against its manifest and return its directory; None (nothing
+    checked) for a path outside the store."""
+    artifact = enclosing_artifact(path) if Path(path).exists() else None
+    if artifact is not None:
+        verify(artifact)
+    return artifact
+
 # ---------------------------------------------------------------------------------------- schema
 
 

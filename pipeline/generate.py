@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from artifacts import ArtifactError, RunRecord, RunStore, enclosing_artifact, verify
+from artifacts import ArtifactError, RunRecord, RunStore, verify_enclosing
 
 STUDENT_PREFIX = "student:"
 
@@ -69,14 +69,6 @@ def resolve_source(source: str, root: Path) -> tuple[str, str | None]:
         raise ArtifactError(f"run {parts[0]} has no {stage} checkpoint"
                             + (f" ({stage} is {entry.status})" if entry else f"; its stages: {', '.join(record.stages)}"))
     return str(Path(entry.path, *rest)), _stage_template(record, stage)
-
-
-def verify_if_artifact(source: str) -> None:
-    """Check the artifact holding `source` (if it is in one) against its manifest's hashes."""
-    if Path(source).exists():
-        artifact = enclosing_artifact(source)
-        if artifact is not None:
-            verify(artifact)
 
 
 def check_finite(logprobs: list[float], where: str) -> None:
@@ -147,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             known_template(template)
         except ValueError as e:
             raise ArtifactError(f"--template: {e} (or auto, none)") from e
-    verify_if_artifact(source)
+    verify_enclosing(source)
     model, tokenizer = load_model(source, device=device, dtype=args.dtype)
     model.eval()
     if template == "chat" and not tokenizer.chat_template:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from artifacts import ArtifactError, RunStore, enclosing_artifact, open_parquet, read_manifest, verify
+from artifacts import ArtifactError, RunStore, open_parquet, read_manifest, verify, verify_enclosing
 from artifacts.store import default_root
 
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(==|!=|>=|<=|>|<|=|~)\s*(.*?)\s*$")
@@ -58,9 +58,7 @@ def resolve(target: str, root: Path | None = None, name: str | None = None) -> T
         else:
             raise ArtifactError(f"{target}: no such file, artifact directory or RUN_ID/STAGE under {root}")
     if path.is_file():
-        artifact = enclosing_artifact(path)
-        if artifact is not None:
-            verify(artifact)
+        artifact = verify_enclosing(path)
         return Target(parquet=path, manifest=None, others=[], verified=artifact is not None)
     manifest = verify(path)
     files = sorted(manifest.rows)
