@@ -18,6 +18,11 @@ want one): per prompt up to `pairs_per_prompt` pairs of a kept (so correct and c
 and a distinct incorrect `rejected` from the same prompt, rejected samples deduplicated like the
 kept ones. And ``candidates.parquet``: every sample with its filter results and drop reason.
 
+With `orm.enabled` (off by default) it also trains an outcome reward model on every candidate's
+correctness label (`stages.orm`: a value head on a copy of the rl_reasoning checkpoint) and saves it
+as ``orm/`` with its training curve ``orm_metrics.parquet``; `evaluate` then scores its samples
+with it (ORM-weighted voting, ORM best-of-k).
+
 Summary: kept, pairs, the drop counts per reason (they add up to the candidates), and the raw pass
 rate per prompt (correct samples / N, before the readability filters): mean, median, min, max,
 the share of prompts with no correct sample and with all samples correct.
@@ -34,8 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from artifacts.store import write_table
 from rewards import accuracy_reward
 from stages import filters
+from stages import orm as orm_model
+from stages.orm import OrmConfig
 from stages.context import StageContext
-from stages.sampling import SamplerFactory, TemplateName, conversational, messages_type, sample_train_rows, torch_sampler
+from stages.metrics import METRICS_SCHEMA
+from stages.sampling import (SamplerFactory, TemplateName, conversational, find_checkpoint, messages_type,
+                             sample_train_rows, torch_sampler)
 
 INPUTS: tuple[str, ...] = ("rl_reasoning", "problems")
 
@@ -68,6 +77,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "reasoning_sft.parquet": REASONING_SFT_SCHEMA,
     "preference_pairs.parquet": PREFERENCE_PAIRS_SCHEMA,
     "candidates.parquet": filters.CANDIDATES_SCHEMA,
+    orm_model.METRICS_FILE: METRICS_SCHEMA,  # only with orm.enabled
 }
 
 
@@ -95,6 +105,7 @@ class Config(BaseModel):
     max_paragraph_chars: int = Field(1200, ge=1)
     dedupe_threshold: float = Field(0.9, gt=0, le=1)
     seed_offset: int = 0
+    orm: OrmConfig = Field(default_factory=OrmConfig, description="outcome reward model (off by default)")
 
     @field_validator("checks")
     @classmethod
@@ -212,6 +223,13 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
         **pass_rate_stats(rows),
         **{f"dropped_{reason}": n for reason, n in counts.items()},
     }
+    if cfg.orm.enabled:
+        metrics, orm_summary = orm_model.fit(cfg.orm, find_checkpoint(inputs["rl_reasoning"]),
+                                       [r.get("messages") or r["prompt"] for r in rows],
+                                       [r["completion"] for r in rows], [is_correct(r) for r in rows],
+                                       [r["problem_id"] for r in rows], cfg.template, out / orm_model.DIR, ctx)
+        write_table(metrics.table(), out / orm_model.METRICS_FILE, METRICS_SCHEMA)
+        summary.update(orm_summary)
     ctx.log(f"rejection_sampling: kept {len(kept)} of {len(rows)} samples from {n_prompts} prompts, "
             f"{len(pairs)} pairs; pass rate {summary['pass_rate_mean']:.3f}, "
             f"no correct sample for {summary['share_no_correct']:.1%} of prompts")

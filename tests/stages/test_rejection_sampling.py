@@ -1,14 +1,16 @@
 """rejection_sampling on tiny data: correct-only SFT rows after R1's filters, dedupe, valid pairs."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from lm.checkpoint import load_tokenizer
+from lm.value import load_value_model
 from rewards import accuracy_reward
-from stages import filters, rejection_sampling
+from stages import filters, orm, rejection_sampling
 from stages.context import StageContext
 from tests.stages.sampling_fakes import ScriptedSampler, save_tiny_checkpoint, tiny_tokenizer, trace, write_problems
 
@@ -96,3 +98,30 @@ def test_config_validation() -> None:
         rejection_sampling.Config(n_samples=4)
     with pytest.raises(ValueError, match="unknown checks"):
         rejection_sampling.Config(checks=["correct", "short"])
+
+
+def test_orm_trains_on_every_candidate_and_is_saved(run_inputs, tmp_path) -> None:
+    summary, _ = _run(run_inputs, tmp_path, orm={"enabled": True, "steps": 3, "batch_size": 6, "holdout": 0.34,
+                                                  "autocast": False})
+    # every candidate is a training row, filtered or not: 18, of which 9 correct (p1 3/6, p2 6/6, p3 0/6)
+    assert summary["orm_candidates"] == 18 and summary["orm_positive_rate"] == 0.5
+    assert summary["orm_steps"] == 3 and math.isfinite(summary["orm_final_loss"])
+    # one prompt's 6 candidates held out (0.34 of 18 -> 6); its accuracy is a share of 6
+    assert summary["orm_heldout_accuracy"] * 6 == pytest.approx(round(summary["orm_heldout_accuracy"] * 6))
+    rows = pq.read_table(tmp_path / "orm_metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows if r["name"] == "loss"] == [1, 2, 3]
+    assert {r["name"] for r in rows if r["step"] in (0, 3)} >= {"eval/loss", "eval/accuracy", "eval/auc"}
+    scorer = orm.find(tmp_path, "cpu")
+    probs = scorer.probabilities([Q1, Q3], [GOOD1, WRONG3])
+    assert all(0.0 < p < 1.0 for p in probs)
+    model, _, meta = load_value_model(tmp_path / orm.DIR)
+    assert meta["kind"] == "orm" and meta["steps"] == 3
+    assert model.head.weight.abs().sum() > 0  # trained away from the zero initialisation
+
+
+def test_orm_is_off_by_default(run_inputs, tmp_path) -> None:
+    summary, _ = _run(run_inputs, tmp_path)
+    assert not (tmp_path / orm.DIR).exists() and not (tmp_path / "orm_metrics.parquet").exists()
+    assert not any(k.startswith("orm_") for k in summary)
+    with pytest.raises(ValueError, match="orm"):
+        rejection_sampling.Config(orm={"enabled": True, "stepz": 3})
