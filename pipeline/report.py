@@ -6,7 +6,8 @@ norm, language consistency) against the GRPO step, rl_zero and rl_reasoning in f
 on a 0-100% axis. `eval.png` is one panel per metric (pass@1, maj@k, pass@k, greedy accuracy,
 format rate; k stated), a labelled bar per checkpoint. `scaling.png` is inference-time scaling
 (accuracy against generated tokens per problem for maj@k, weighted majority, best-of-k and pass@k at
-k = 1, 2, 4, ... K; evaluate's scaling.parquet).
+k = 1, 2, 4, ... K, plus ORM-weighted majority and ORM best-of-k when the run trained an outcome
+reward model; evaluate's scaling.parquet).
 Everything is read from the run's artifacts (metrics.parquet in long format step/name/value,
 evaluate's summary.parquet), so the report is regenerated, never hand-edited.
 """
@@ -149,11 +150,11 @@ def _plot_eval(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 
 SCALING_METHODS = {"maj": "maj@k", "weighted_maj": "weighted maj@k (log-prob)", "best_of": "best-of-k (log-prob)",
-                   "pass": "pass@k"}
+                   "pass": "pass@k", "orm_weighted_maj": "weighted maj@k (ORM)", "orm_best_of": "best-of-k (ORM)"}
 
 
 def _plot_scaling(path: Path, out: Path) -> list[str]:
-    """One panel per method: accuracy against generated tokens per problem, a line per checkpoint."""
+    """One panel per method present: accuracy against generated tokens per problem, a line per checkpoint."""
     f = path / "scaling.parquet"
     if not f.is_file():
         return []
@@ -166,9 +167,9 @@ def _plot_scaling(path: Path, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    fig, axes = plt.subplots(1, len(SCALING_METHODS), figsize=(4.2 * len(SCALING_METHODS), 3.4), squeeze=False,
-                             sharey=True)
-    for ax, (method, title) in zip(axes[0], SCALING_METHODS.items()):
+    methods = {m: t for m, t in SCALING_METHODS.items() if any(r["method"] == m for r in rows)}
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False, sharey=True)
+    for ax, (method, title) in zip(axes[0], methods.items()):
         for ckpt in checkpoints:
             pts = sorted((r["tokens_per_problem"], 100.0 * r["accuracy"]) for r in rows
                          if r["checkpoint"] == ckpt and r["method"] == method)
@@ -188,7 +189,8 @@ def _plot_scaling(path: Path, out: Path) -> list[str]:
 
 
 # summary.parquet column -> the name reports show
-_DISPLAY = {"pass_at_1": "pass@1", "maj_at_k": "maj@k", "pass_at_k": "pass@k", "weighted_maj_at_k": "weighted_maj@k"}
+_DISPLAY = {"pass_at_1": "pass@1", "maj_at_k": "maj@k", "pass_at_k": "pass@k", "weighted_maj_at_k": "weighted_maj@k",
+            "orm_weighted_maj_at_k": "orm_weighted_maj@k"}
 
 
 def eval_rows(path: Path) -> list[dict[str, Any]]:
@@ -199,11 +201,12 @@ def eval_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "weighted_maj@k", "best_of_k", "greedy_accuracy",
-            "format_rate", "language_mix_rate", "mean_length"]
-    cols = [c for c in cols if rows and c in rows[0]]
-    pct = {"pass@1", "maj@k", "weighted_maj@k", "best_of_k", "pass@k", "greedy_accuracy", "format_rate",
-           "language_mix_rate"}
+    cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k",
+            "orm_best_of_k", "greedy_accuracy", "format_rate", "language_mix_rate", "mean_length"]
+    optional = {"orm_weighted_maj@k", "orm_best_of_k"}  # shown when the run has an ORM
+    cols = [c for c in cols if rows and c in rows[0] and (c not in optional or any(r[c] is not None for r in rows))]
+    pct = {"pass@1", "maj@k", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k", "orm_best_of_k", "pass@k",
+           "greedy_accuracy", "format_rate", "language_mix_rate"}
 
     def fmt(c: str, v: Any) -> str:
         if v is None:
@@ -268,7 +271,8 @@ def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
         if _plot_scaling(Path(ev.path), out):
             lines += ["", "## Inference-time scaling", "",
                       "Accuracy against generated tokens per problem at k = 1, 2, 4, ... samples "
-                      "(weighted vote and best-of-k score each sample by its length-normalised log-probability).",
+                      "(weighted vote and best-of-k score each sample by its length-normalised log-probability; "
+                      "the ORM ones by the outcome reward model's probability that it is correct).",
                       "", "![inference-time scaling](scaling.png)"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

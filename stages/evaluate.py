@@ -23,7 +23,11 @@ student and baseline found in distill's ``students/<name>/`` and ``baselines/<na
   (a vote weighs exp of the sample's length-normalised log-probability), best-of-k by that
   log-probability, and pass@k, each with the generated tokens per problem it costs (k × mean
   length): `scaling.parquet`, and `weighted_maj@k` / `best_of_k` (k = K) in the summary
-  (`stages.metrics.scaling_curve`).
+  (`stages.metrics.scaling_curve`);
+- with an outcome reward model (`rejection_sampling.orm.enabled`, `stages.orm`): every sample's
+  ORM probability of being correct (`orm_score` in eval.parquet), the vote weight of
+  `orm_weighted_maj@k` and the score of `orm_best_of_k` (null without an ORM), and the two ORM
+  curves in `scaling.parquet` (methods orm_weighted_maj, orm_best_of).
 
 All rates are fractions in [0, 1]. Every checkpoint sees the same problems and the same sampling
 seeds (common random numbers: differences between checkpoints are not seed noise). The test
@@ -34,7 +38,8 @@ Outputs: ``eval.parquet`` (one row per sample, greedy rows flagged), ``summary.p
 per checkpoint), ``scaling.parquet`` (checkpoint, k, method, accuracy, tokens_per_problem), and the
 manifest summary CONTRACTS.md fixes:
 ``{"<ckpt>": {"pass@1", "maj@k", "pass@k", "k", "format_rate", "language_mix_rate", "mean_length",
-"greedy_accuracy", "params", "weighted_maj@k", "best_of_k"}, ..., "best_pass@1": x}``.
+"greedy_accuracy", "params", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k", "orm_best_of_k"}, ...,
+"best_pass@1": x}``.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ from artifacts.store import write_table
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 from rewards.extract import answer_region, canonical, final_answer_candidates
 from rewards.numbers import parse_plain_number
-from stages import metrics
+from stages import metrics, orm
 from stages.context import StageContext
 from stages.filters import is_language_mixed
 from stages.sampling import (
@@ -60,7 +65,8 @@ from stages.sampling import (
     read_problems, sample_completions, sampling_params, stage_seed, torch_sampler,
 )
 
-INPUTS: tuple[str, ...] = ("problems", "base", "rl_zero", "sft", "rl_reasoning", "dpo", "distill")
+INPUTS: tuple[str, ...] = ("problems", "base", "rl_zero", "sft", "rl_reasoning", "rejection_sampling", "dpo",
+                           "distill")  # rejection_sampling: its ORM, when it trained one
 MODEL_STAGES: tuple[str, ...] = ("base", "rl_zero", "sft", "rl_reasoning")
 OPTIONAL_MODEL_STAGES: tuple[str, ...] = ("dpo",)  # evaluated when their artifact holds a checkpoint
 
@@ -78,6 +84,7 @@ EVAL_SCHEMA = pa.schema([
     pa.field("length", pa.int32(), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("logprob_mean", pa.float64()),  # length-normalised log-prob (null: the sampler gave none)
+    pa.field("orm_score", pa.float64()),  # the ORM's P(correct) (null: the run has no ORM)
 ])
 SUMMARY_SCHEMA = pa.schema([
     pa.field("checkpoint", pa.string(), nullable=False),
@@ -93,11 +100,13 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("problems", pa.int32(), nullable=False),
     pa.field("weighted_maj_at_k", pa.float64()),
     pa.field("best_of_k", pa.float64()),
+    pa.field("orm_weighted_maj_at_k", pa.float64()),
+    pa.field("orm_best_of_k", pa.float64()),
 ])
 SCALING_SCHEMA = pa.schema([
     pa.field("checkpoint", pa.string(), nullable=False),
     pa.field("k", pa.int32(), nullable=False),
-    pa.field("method", pa.string(), nullable=False),  # maj | weighted_maj | best_of | pass
+    pa.field("method", pa.string(), nullable=False),  # maj | weighted_maj | best_of | pass | orm_*
     pa.field("accuracy", pa.float64(), nullable=False),
     pa.field("tokens_per_problem", pa.float64(), nullable=False),
 ])
@@ -195,16 +204,40 @@ def _groups(sampled: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [sorted(g, key=lambda r: r["sample"]) for g in by_problem.values()]
 
 
+def _has_orm(rows: list[dict[str, Any]]) -> bool:
+    return bool(rows) and all(r.get("orm_score") is not None for r in rows)
+
+
 def scaling_rows(name: str, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`scaling.parquet` rows of one checkpoint: each method at k = 1, 2, 4, ... K (a sample without
-    a log-prob scores 0, i.e. votes with weight 1)."""
+    a log-prob scores 0, i.e. votes with weight 1), and the ORM's two when samples have ORM scores."""
     groups = _groups(sampled)
     curve = metrics.scaling_curve([([r["predicted"] for r in g],
                                     [r["logprob_mean"] if r["logprob_mean"] is not None else 0.0 for r in g],
                                     [r["correct"] for r in g]) for g in groups])
+    methods = [(row, m, m) for row in curve for m in ("maj", "weighted_maj", "best_of", "pass")]
+    if _has_orm(sampled):
+        orm_curve = metrics.scaling_curve([([r["predicted"] for r in g], [r["orm_score"] for r in g],
+                                            [r["correct"] for r in g]) for g in groups], weight=float)
+        methods += [(row, m, f"orm_{m}") for row in orm_curve for m in ("weighted_maj", "best_of")]
     mean_len = float(np.mean([r["length"] for r in sampled]))
-    return [{"checkpoint": name, "k": row["k"], "method": m, "accuracy": row[m], "tokens_per_problem": row["k"] * mean_len}
-            for row in curve for m in ("maj", "weighted_maj", "best_of", "pass")]
+    return [{"checkpoint": name, "k": row["k"], "method": label, "accuracy": row[m],
+             "tokens_per_problem": row["k"] * mean_len} for row, m, label in methods]
+
+
+def orm_metrics(groups: list[list[dict[str, Any]]], k: int) -> dict[str, float | None]:
+    """ORM-weighted maj@k (a vote weighs the sample's ORM probability) and ORM best-of-k, averaged
+    over problems; None when the samples carry no ORM score."""
+    if not _has_orm([r for g in groups for r in g]):
+        return {"orm_weighted_maj@k": None, "orm_best_of_k": None}
+    answers = [[r["predicted"] for r in g] for g in groups]
+    scores = [[r["orm_score"] for r in g] for g in groups]
+    correct = [[r["correct"] for r in g] for g in groups]
+    return {
+        "orm_weighted_maj@k": float(np.mean([metrics.weighted_maj_at_k(a, s, c, k)
+                                             for a, s, c in zip(answers, scores, correct)])),
+        "orm_best_of_k": float(np.mean([metrics.best_of_k(s, c, k) for s, c in zip(scores, correct)])),
+    }
 
 
 def checkpoint_metrics(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]], k: int,
@@ -229,11 +262,13 @@ def checkpoint_metrics(sampled: list[dict[str, Any]], greedy: list[dict[str, Any
                                          for g, w in zip(groups, weights)])),
         "best_of_k": float(np.mean([metrics.best_of_k(s, [r["correct"] for r in g], k)
                                     for g, s in zip(groups, scores)])),
+        **orm_metrics(groups, k),
     }
 
 
 def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx: StageContext, seed: int,
-                  sampler_factory: SamplerFactory) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  sampler_factory: SamplerFactory,
+                  scorer: orm.OutcomeRewardModel | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     model, tok = load_policy(ref.path, ctx.device, ctx.dtype)
     n_params = sum(p.numel() for p in model.parameters())
     ids = encode_prompts(tok, [p.question for p in problems], cfg.template)
@@ -249,6 +284,8 @@ def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx:
                                      desc=f"evaluate {ref.name}{' greedy' if is_greedy else ''}")
         flat = [(p, c) for p, per in zip(problems, samples) for c in per]
         graded = grade([c.text for _, c in flat], [p for p, _ in flat], cfg.language_min_words)
+        graded["orm_score"] = (scorer.probabilities([p.question for p, _ in flat], [c.text for _, c in flat])
+                               if scorer is not None else [None] * len(flat))
         for i, (p, c) in enumerate(flat):
             rows.append({"checkpoint": ref.name, "problem_id": p.id, "sample": c.sample, "greedy": is_greedy,
                          "completion": c.text, "length": c.n_tokens, "finish_reason": c.finish_reason,
@@ -283,14 +320,15 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     if not refs:
         raise ValueError("evaluate found no checkpoint to evaluate")
     seed = stage_seed(ctx.seed + cfg.seed_offset, "evaluate")
+    scorer = orm.find(inputs.get("rejection_sampling"), ctx.device)
     ctx.log(f"evaluate: {len(refs)} checkpoints x {len(problems)} test problems x {cfg.k} samples"
-            + (" + greedy" if cfg.greedy else ""))
+            + (" + greedy" if cfg.greedy else "") + (", ORM-scored" if scorer is not None else ""))
 
     all_rows: list[dict[str, Any]] = []
     scaling: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for ref in refs:
-        rows, m = _evaluate_one(ref, problems, cfg, ctx, seed, sampler_factory)
+        rows, m = _evaluate_one(ref, problems, cfg, ctx, seed, sampler_factory, scorer)
         all_rows += rows
         scaling += scaling_rows(ref.name, [r for r in rows if not r["greedy"]])
         summary[ref.name] = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in m.items()}
@@ -300,7 +338,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     table_rows = [{"checkpoint": name, "pass_at_1": m["pass@1"], "maj_at_k": m["maj@k"], "pass_at_k": m["pass@k"],
                    "k": m["k"], "format_rate": m["format_rate"], "language_mix_rate": m["language_mix_rate"],
                    "mean_length": m["mean_length"], "greedy_accuracy": m["greedy_accuracy"], "params": m["params"],
-                   "problems": len(problems), "weighted_maj_at_k": m["weighted_maj@k"], "best_of_k": m["best_of_k"]}
+                   "problems": len(problems), "weighted_maj_at_k": m["weighted_maj@k"], "best_of_k": m["best_of_k"],
+                   "orm_weighted_maj_at_k": m["orm_weighted_maj@k"], "orm_best_of_k": m["orm_best_of_k"]}
                   for name, m in summary.items()]
     write_table(pa.Table.from_pylist(table_rows, schema=SUMMARY_SCHEMA), out / "summary.parquet", SUMMARY_SCHEMA)
     write_table(pa.Table.from_pylist(scaling, schema=SCALING_SCHEMA), out / "scaling.parquet", SCALING_SCHEMA)

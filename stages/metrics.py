@@ -18,7 +18,8 @@ Where from:
   weighted by a score, and best-of-n by a score). The score here is the model's own confidence, the
   length-normalised log-probability of the sample, mean_t log π(o_t); a vote weighs
   exp(mean_t log π(o_t)), the per-token geometric-mean probability (in (0, 1], so every vote
-  counts positively). An outcome reward model's score slots into the same functions.
+  counts positively). An outcome reward model's score slots into the same functions: its
+  probability of "correct" is both the vote weight and the best-of-k score (`stages.orm`).
 - `scaling_curve`: each method at k = 1, 2, 4, ... K, averaged over the ⌊K/k⌋ disjoint blocks of k
   samples of each problem (pass@k uses Chen et al.'s estimator over all K samples instead).
 
@@ -27,7 +28,8 @@ Training curves: every training stage writes `metrics.parquet` in one long forma
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -168,13 +170,14 @@ def scaling_ks(n: int) -> list[int]:
 
 
 def scaling_curve(problems: Sequence[tuple[Sequence[Hashable | None], Sequence[float], Sequence[bool]]],
-                  ) -> list[dict[str, float]]:
+                  weight: Callable[[float], float] = math.exp) -> list[dict[str, float]]:
     """Inference-time scaling of one checkpoint: per k, maj@k, weighted maj@k, best-of-k, pass@k.
 
     Args:
-        problems: per problem (answers, log-prob scores, correct), its K samples in sample order
-            (every problem the same K). The score is the length-normalised log-probability; a vote
-            weighs exp(score).
+        problems: per problem (answers, scores, correct), its K samples in sample order (every
+            problem the same K). Best-of-k picks the highest score.
+        weight: a sample's vote weight from its score: exp for the length-normalised log-probability
+            (the default), the identity for an ORM's probability.
     Returns:
         one row per k in `scaling_ks(K)`: {"k", "maj", "weighted_maj", "best_of", "pass"}, each the
         mean over problems of the mean over the problem's disjoint blocks of k samples.
@@ -188,7 +191,7 @@ def scaling_curve(problems: Sequence[tuple[Sequence[Hashable | None], Sequence[f
     for k in scaling_ks(n):
         per: dict[str, list[float]] = {"maj": [], "weighted_maj": [], "best_of": []}
         for answers, scores, correct in problems:
-            weights = [float(np.exp(s)) for s in scores]
+            weights = [float(weight(s)) for s in scores]
             blocks = [slice(b * k, (b + 1) * k) for b in range(n // k)]
             per["maj"].append(np.mean([maj_at_k(answers[sl], correct[sl], k) for sl in blocks]))
             per["weighted_maj"].append(np.mean([weighted_maj_at_k(answers[sl], weights[sl], correct[sl], k)

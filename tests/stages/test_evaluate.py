@@ -32,7 +32,7 @@ SCRIPTS = {
     "baseline:s1": (56, {T1: [R1, W1], T2: [W2]}, {}),
 }
 CONTRACT_KEYS = {"pass@1", "maj@k", "pass@k", "k", "format_rate", "language_mix_rate", "mean_length",
-                 "greedy_accuracy", "params", "weighted_maj@k", "best_of_k"}
+                 "greedy_accuracy", "params", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k", "orm_best_of_k"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path)
     # the scripted sampler reports log-prob 0 for every token: equal weights, so the weighted vote
     # is the plain one, and best-of-k by log-prob picks the first sample (t1 R1 right, t2 W2 wrong)
     assert z["weighted_maj@k"] == pytest.approx(0.5) and z["best_of_k"] == pytest.approx(0.5)
+    assert z["orm_weighted_maj@k"] is None and z["orm_best_of_k"] is None  # the run has no ORM
 
     b = summary["base"]
     # t1: UNTAGGED1 x2 (correct, bad format) W1 x2 -> 2/4; t2: W2 x4 -> 0/4
@@ -119,6 +120,50 @@ def test_metrics_per_checkpoint_match_hand_computed_values(run_inputs, tmp_path)
     assert mix_row["language_mixed"] and mix_row["correct"] and mix_row["predicted"] == "2"
     dec_row = next(r for r in rows if r["completion"] == R2_DEC)
     assert dec_row["predicted"] == "6" and dec_row["correct"]
+
+
+class FakeOrm:
+    """Stands in for `stages.orm.OutcomeRewardModel`: a fixed P(correct) per completion text."""
+
+    PROBS = {R1: 0.9, W1: 0.2, MIX1: 0.3, W2: 0.5, R2: 0.45, R2_DEC: 0.7}
+
+    def __init__(self) -> None:
+        self.questions: set = set()
+
+    def probabilities(self, questions, completions) -> list[float]:
+        self.questions.update(questions)
+        return [self.PROBS.get(c, 0.5) for c in completions]
+
+
+def test_orm_scores_weight_the_votes_and_pick_the_best(run_inputs, tmp_path, monkeypatch) -> None:
+    fake = FakeOrm()
+    monkeypatch.setattr(evaluate.orm, "find", lambda artifact, device: fake if artifact is not None else None)
+    tok = load_tokenizer(run_inputs["base"] / "checkpoint")
+    inputs = {**run_inputs, "rejection_sampling": tmp_path / "rs"}
+    summary = evaluate.run(evaluate.Config(k=4, batch_size=3), inputs, tmp_path / "out", _ctx(),
+                           sampler_factory=_scripted_factory(tok))
+    assert fake.questions == {T1, T2}
+    z = summary["rl_zero"]
+    # t1: R1 W1 MIX1 W1, answers 2 3 2 3, ORM 0.9 0.2 0.3 0.2: "2" 1.2 vs "3" 0.4 -> right;
+    #     best-of: R1 (0.9) right
+    # t2: W2 R2 R2_DEC W2, answers 5 6 6 5, ORM 0.5 0.45 0.7 0.5: "6" 1.15 vs "5" 1.0 -> right
+    #     (the plain vote's 2-2 tie went to "5": wrong); best-of: R2_DEC (0.7) right
+    assert z["maj@k"] == pytest.approx(0.5)
+    assert z["orm_weighted_maj@k"] == pytest.approx(1.0) and z["orm_best_of_k"] == pytest.approx(1.0)
+    b = summary["base"]
+    # base t1: UNTAGGED1 x2 (0.5 each, right) vs W1 x2 (0.2 each): "2" wins -> right; t2: all W2
+    assert b["orm_weighted_maj@k"] == pytest.approx(0.5) and b["orm_best_of_k"] == pytest.approx(0.5)
+    rows = pq.read_table(tmp_path / "out" / "eval.parquet").to_pylist()
+    assert all(r["orm_score"] == FakeOrm.PROBS.get(r["completion"], 0.5) for r in rows)
+    table = {r["checkpoint"]: r for r in pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()}
+    assert table["rl_zero"]["orm_weighted_maj_at_k"] == 1.0 and table["rl_zero"]["orm_best_of_k"] == 1.0
+    scaling = pq.read_table(tmp_path / "out" / "scaling.parquet").to_pylist()
+    zs = {(r["k"], r["method"]): r["accuracy"] for r in scaling if r["checkpoint"] == "rl_zero"}
+    # k = 2, blocks [0, 1] and [2, 3]: t1 [R1, W1] right, [MIX1, W1] ("2" 0.3 vs "3" 0.2) right;
+    # t2 [W2, R2] ("5" 0.5 vs "6" 0.45) wrong, [R2_DEC, W2] right -> (1 + 0.5) / 2; best-of alike
+    assert zs[(2, "orm_weighted_maj")] == pytest.approx(0.75) and zs[(2, "orm_best_of")] == pytest.approx(0.75)
+    assert zs[(4, "orm_weighted_maj")] == 1.0 and zs[(1, "orm_best_of")] == pytest.approx(0.5)
+    assert len(scaling) == 6 * 3 * 6  # checkpoints x k in (1, 2, 4) x (4 methods + 2 ORM ones)
 
 
 def test_checkpoint_selection(run_inputs, tmp_path) -> None:
