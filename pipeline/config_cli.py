@@ -69,9 +69,21 @@ def config_keys(section: str | None = None) -> list[dict[str, Any]]:
     for name, model in models.items():
         if section is not None and name != section:
             continue
-        for key, field in model.model_fields.items():
+        for key, field in _fields(model):
             out.append({"section": name, "key": key, "type": _type_name(field.annotation),
                         "default": _default(field), "description": field.description or ""})
+    return out
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, field) of a model; a field that is itself a model (rejection_sampling.orm) is
+    listed key by key, as `--set stage.table.key=value` sets them."""
+    out = []
+    for key, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _fields(field.annotation, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, field))
     return out
 
 

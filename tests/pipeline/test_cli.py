@@ -76,6 +76,8 @@ def test_config_keys_lists_type_default_and_description():
     assert code == 0
     assert "problems.n_train" in out and "run.seed" in out and "evaluate.k" in out
     assert "samples per problem for pass@1, maj@k, pass@k" in out  # descriptions come from the models
+    # a nested table's keys are listed one by one, as --set sets them
+    assert "rejection_sampling.orm.enabled" in out and "rejection_sampling.orm.steps" in out
 
 
 @pytest.mark.parametrize("override, names", [
