@@ -23,7 +23,8 @@ RL_ZERO_OPTIONS = [
     ('rl_zero.advantage="gae"',),
     ("rl_zero.tis_cap=2.0", "rl_zero.mu=2"),
 ]
-FLOW_OPTIONS = RL_ZERO_OPTIONS + [("dpo.enabled=true", 'distill.mode="on_policy"')]
+FLOW_OPTIONS = RL_ZERO_OPTIONS + [("dpo.enabled=true", 'distill.mode="on_policy"'),
+                                  ("rejection_sampling.orm.enabled=true",)]
 
 
 @pytest.mark.parametrize("sets", RL_ZERO_OPTIONS, ids=lambda s: ",".join(x.replace('"', '') for x in s))
@@ -59,6 +60,25 @@ def test_dpo_and_on_policy_distill_then_evaluate(micro_copy) -> None:
     assert "dpo" in summary and 0.0 <= summary["dpo"]["pass@1"] <= 1.0
 
 
+def test_orm_then_evaluate_reports_orm_voting(micro_copy) -> None:
+    root, run_id = micro_copy
+    code, out = cli("stage", "rejection_sampling", "--run", run_id, "--root", str(root),
+                    "--set", "rejection_sampling.orm.enabled=true")
+    assert code == 0, out
+    rs = RunStore(root).load(run_id).stages["rejection_sampling"]
+    assert rs.summary["orm_steps"] == 4 and math.isfinite(rs.summary["orm_final_loss"])
+    code, out = cli("stage", "evaluate", "--run", run_id, "--root", str(root))
+    assert code == 0, out
+    entry = RunStore(root).load(run_id).stages["evaluate"]
+    for name in ("base", "rl_reasoning", "student:micro"):
+        m = entry.summary[name]
+        assert 0.0 <= m["orm_weighted_maj@k"] <= 1.0 and 0.0 <= m["orm_best_of_k"] <= 1.0
+    rows = pq.read_table(f"{entry.path}/eval.parquet").to_pylist()
+    assert all(0.0 < r["orm_score"] < 1.0 for r in rows)
+    methods = {r["method"] for r in pq.read_table(f"{entry.path}/scaling.parquet").to_pylist()}
+    assert {"orm_weighted_maj", "orm_best_of"} <= methods
+
+
 def test_unknown_policy_loss_is_a_clear_error(micro_copy, capsys) -> None:
     root, run_id = micro_copy
     code, _ = cli("stage", "rl_zero", "--run", run_id, "--root", str(root), "--set", 'rl_zero.policy_loss="ppo2"')
@@ -76,3 +96,5 @@ def test_micro_run_with_each_option(tmp_path_factory, sets) -> None:
     assert summary["status"] == "succeeded"
     if "dpo.enabled=true" in sets:
         assert "dpo" in summary["stages"]["evaluate"]["summary"]
+    if "rejection_sampling.orm.enabled=true" in sets:
+        assert summary["stages"]["evaluate"]["summary"]["rl_reasoning"]["orm_best_of_k"] is not None
