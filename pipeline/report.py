@@ -168,8 +168,10 @@ def _plot_scaling(path: Path, out: Path) -> list[str]:
 
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
     methods = {m: t for m, t in SCALING_METHODS.items() if any(r["method"] == m for r in rows)}
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False, sharey=True)
-    for ax, (method, title) in zip(axes[0], methods.items()):
+    cols = len(methods) if len(methods) <= 4 else 3  # the ORM's two panels: 2 rows of 3
+    nrows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    for ax, (method, title) in zip(axes.flat, methods.items()):
         for ckpt in checkpoints:
             pts = sorted((r["tokens_per_problem"], 100.0 * r["accuracy"]) for r in rows
                          if r["checkpoint"] == ckpt and r["method"] == method)
@@ -180,7 +182,10 @@ def _plot_scaling(path: Path, out: Path) -> list[str]:
         ax.set_title(title)
         ax.set_xlabel("generated tokens per problem")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("% correct")
+    for row in axes:
+        row[0].set_ylabel("% correct")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=110)

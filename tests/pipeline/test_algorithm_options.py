@@ -77,6 +77,10 @@ def test_orm_then_evaluate_reports_orm_voting(micro_copy) -> None:
     assert all(0.0 < r["orm_score"] < 1.0 for r in rows)
     methods = {r["method"] for r in pq.read_table(f"{entry.path}/scaling.parquet").to_pylist()}
     assert {"orm_weighted_maj", "orm_best_of"} <= methods
+    code, out = cli("report", run_id, "--root", str(root))
+    assert code == 0, out
+    md = (root / "runs" / run_id / "report" / "report.md").read_text()
+    assert "| orm_weighted_maj@k | orm_best_of_k |" in md and "by the outcome reward model" in md
 
 
 def test_unknown_policy_loss_is_a_clear_error(micro_copy, capsys) -> None:
