@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from artifacts.store import write_table
 from lm.checkpoint import load_tokenizer
@@ -64,10 +64,9 @@ SCHEMAS: dict[str, pa.Schema] = {"cold_start.parquet": COLD_START_SCHEMA,
 DEFAULT_CHECKS = ["correct", "format", "length", "language", "repetition"]
 
 
-class Config(BaseModel):
-    """Knobs of the cold_start stage; defaults suit the tiny preset."""
-
-    model_config = ConfigDict(extra="forbid")
+class Config(filters.FilterSettings):
+    """Knobs of the cold_start stage (the filter chain's in `filters.FilterSettings`); defaults suit
+    the tiny preset."""
 
     source: Literal["sample", "file"] = "sample"
     path: str | None = Field(None, description="user cold-start file (Parquet/JSONL: prompt, completion)")
@@ -76,7 +75,6 @@ class Config(BaseModel):
     template: TemplateName = "r1_zero_short"
     max_prompts: int | None = Field(256, ge=1, description="train prompts to sample (seeded subset); None = all")
     samples_per_prompt: int = Field(4, ge=1, description="k completions per prompt")
-    keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
@@ -84,37 +82,15 @@ class Config(BaseModel):
     batch_size: int = Field(64, ge=1)
 
     checks: list[str] = Field(default_factory=lambda: list(DEFAULT_CHECKS))
-    min_language_consistency: float = Field(1.0, ge=0, le=1)
-    language_min_words: int = Field(1, ge=1, description="words a think body needs to be judged")
-    min_tokens: int = Field(8, ge=0)
-    max_tokens: int | None = Field(None, ge=1, description="upper length bound (None: only cut-off rows fail)")
-    max_paragraph_chars: int = Field(1200, ge=1)
-    dedupe_threshold: float = Field(0.9, gt=0, le=1)
 
     rewrite: Literal["none", "readable"] = "none"
     seed_offset: int = 0
-
-    @field_validator("checks")
-    @classmethod
-    def _known_checks(cls, v: list[str]) -> list[str]:
-        unknown = [c for c in v if c not in filters.CHECKS]
-        if unknown:
-            raise ValueError(f"unknown checks {unknown}; the checks are: {', '.join(filters.CHECKS)}")
-        return v
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> "Config":
         if self.source == "file" and not self.path:
             raise ValueError("source='file' needs path (a Parquet/JSONL file with prompt and completion)")
         return self
-
-    def filter_params(self) -> filters.FilterParams:
-        return filters.FilterParams(
-            checks=tuple(self.checks), keep_per_prompt=self.keep_per_prompt,
-            min_language_consistency=self.min_language_consistency, language_min_words=self.language_min_words,
-            min_tokens=self.min_tokens,
-            max_tokens=self.max_tokens, max_paragraph_chars=self.max_paragraph_chars,
-            dedupe_threshold=self.dedupe_threshold)
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -308,33 +284,18 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
         rows, n_prompts = sample_train_rows(cfg, inputs["rl_zero"], inputs["problems"], ctx, sampler_factory,
                                             stage="cold_start", origin="rl_zero")
         params = cfg.filter_params()
-    candidates = [filters.Candidate(group=r["problem_id"], completion=r["completion"], n_tokens=r["n_tokens"],
-                                    finish_reason=r["finish_reason"], answer=r["answer"], language=r["language"])
-                  for r in rows]
-    judgements = filters.judge(candidates, params)
-    for r, j in zip(rows, judgements):
-        r.update(filters.filter_record(j))
+    kept, counts = filters.judge_rows(rows, params, "cold_start")
     write_table(pa.Table.from_pylist(rows, schema=filters.CANDIDATES_SCHEMA), out / "candidates.parquet", filters.CANDIDATES_SCHEMA)
 
-    kept = [dict(r, rewritten=False, original_completion=None) for r in rows if r["drop_reason"] is None]
+    kept = [dict(r, rewritten=False, original_completion=None) for r in kept]
     rewritten, rewrite_rejected = _rewrite(kept) if cfg.rewrite == "readable" else (0, 0)
     trl_rows = [conversational(r, cfg.template, ("completion",)) for r in kept]
     write_table(pa.Table.from_pylist(trl_rows, schema=COLD_START_SCHEMA), out / "cold_start.parquet", COLD_START_SCHEMA)
 
-    counts = filters.drop_counts(judgements)
-    if len(kept) + sum(counts.values()) != len(rows):  # every candidate has one fate
-        raise RuntimeError(f"cold_start bookkeeping: {len(kept)} kept + {sum(counts.values())} dropped "
-                           f"!= {len(rows)} candidates")
     summary: dict[str, Any] = {
         "source": cfg.source,
-        "prompts": n_prompts,
-        "candidates": len(rows),
-        "kept": len(kept),
-        "kept_rate": round(len(kept) / len(rows), 6) if rows else 0.0,
-        "kept_prompts": len({r["problem_id"] for r in kept}),
-        "mean_kept_tokens": round(sum(r["n_tokens"] for r in kept) / len(kept), 3) if kept else 0.0,
+        **filters.kept_summary(rows, kept, n_prompts, counts),
         "dropped_empty": empty,  # file rows skipped before filtering (not candidates)
-        **{f"dropped_{reason}": n for reason, n in counts.items()},
         "rewritten": rewritten,
         "rewrite_rejected": rewrite_rejected,
     }

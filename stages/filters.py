@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import regex
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 
@@ -355,3 +356,75 @@ def filter_record(j: Judgement) -> dict[str, Any]:
     rec.update(accuracy=j.accuracy, format_score=j.format_score, language_consistency=j.language_consistency,
                drop_reason=j.drop_reason)
     return rec
+
+
+# ------------------------------------------------------------------- what the two stages share
+
+
+class FilterSettings(BaseModel):
+    """The filter chain's knobs: the part of the cold_start and rejection_sampling configs that is
+    the same in both (each stage's Config inherits it; cold_start narrows the default checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checks: list[str] = Field(default_factory=lambda: list(CHECKS))
+    keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")
+    min_language_consistency: float = Field(1.0, ge=0, le=1)
+    language_min_words: int = Field(1, ge=1, description="words a think body needs to be judged")
+    min_tokens: int = Field(8, ge=0)
+    max_tokens: int | None = Field(None, ge=1, description="upper length bound (None: only cut-off rows fail)")
+    max_paragraph_chars: int = Field(1200, ge=1)
+    dedupe_threshold: float = Field(0.9, gt=0, le=1)
+
+    @field_validator("checks")
+    @classmethod
+    def _known_checks(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in CHECKS]
+        if unknown:
+            raise ValueError(f"unknown checks {unknown}; the checks are: {', '.join(CHECKS)}")
+        return v
+
+    def filter_params(self) -> FilterParams:
+        return FilterParams(
+            checks=tuple(self.checks), keep_per_prompt=self.keep_per_prompt,
+            min_language_consistency=self.min_language_consistency, language_min_words=self.language_min_words,
+            min_tokens=self.min_tokens, max_tokens=self.max_tokens, max_paragraph_chars=self.max_paragraph_chars,
+            dedupe_threshold=self.dedupe_threshold)
+
+
+def judge_rows(rows: list[dict[str, Any]], params: FilterParams, stage: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Run the chain over sampled rows (`problem_id`, `completion`, `n_tokens`, `finish_reason`,
+    `answer`, `language`): each row gains its filter columns in place. Correctness is measured
+    even when it is not a check (pass rates and preference pairs need it; it then drops nothing).
+
+    Returns the kept rows and the drop counts per reason; raises if a row has no single fate.
+    """
+    candidates = [Candidate(group=r["problem_id"], completion=r["completion"], n_tokens=r["n_tokens"],
+                            finish_reason=r["finish_reason"], answer=r["answer"], language=r["language"])
+                  for r in rows]
+    judgements = judge(candidates, params)
+    if "correct" not in params.checks:
+        for j, score in zip(judgements, _batched(accuracy_reward, candidates, "answer")):
+            j.accuracy = score
+    for r, j in zip(rows, judgements):
+        r.update(filter_record(j))
+    kept = [r for r in rows if r["drop_reason"] is None]
+    counts = drop_counts(judgements)
+    if len(kept) + sum(counts.values()) != len(rows):  # every candidate has one fate
+        raise RuntimeError(f"{stage} bookkeeping: {len(kept)} kept + {sum(counts.values())} dropped "
+                           f"!= {len(rows)} candidates")
+    return kept, counts
+
+
+def kept_summary(rows: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], n_prompts: int,
+                 counts: dict[str, int]) -> dict[str, Any]:
+    """The summary fields both filtering stages report; the drop counts add up to the candidates."""
+    return {
+        "prompts": n_prompts,
+        "candidates": len(rows),
+        "kept": len(kept),
+        "kept_rate": round(len(kept) / len(rows), 6) if rows else 0.0,
+        "kept_prompts": len({r["problem_id"] for r in kept}),
+        "mean_kept_tokens": round(sum(r["n_tokens"] for r in kept) / len(kept), 3) if kept else 0.0,
+        **{f"dropped_{reason}": n for reason, n in counts.items()},
+    }

@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from artifacts.store import write_table
-from rewards import accuracy_reward
 from stages import filters
 from stages import orm as orm_model
 from stages.orm import OrmConfig
@@ -81,47 +80,21 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-class Config(BaseModel):
-    """Knobs of the rejection_sampling stage; defaults suit the tiny preset."""
-
-    model_config = ConfigDict(extra="forbid")
+class Config(filters.FilterSettings):
+    """Knobs of the rejection_sampling stage (the filter chain's, every check on by default, in
+    `filters.FilterSettings`); defaults suit the tiny preset."""
 
     template: TemplateName = "r1_zero_short"
     max_prompts: int | None = Field(None, ge=1, description="train prompts to sample (seeded subset); None = all")
     samples_per_prompt: int = Field(4, ge=1, description="N completions per prompt")
-    keep_per_prompt: int = Field(2, ge=1, description="m: at most this many kept per prompt")
     pairs_per_prompt: int = Field(1, ge=0, description="preference pairs per prompt (0: none)")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
     stop_at_answer: bool = True
     batch_size: int = Field(64, ge=1)
-
-    checks: list[str] = Field(default_factory=lambda: list(filters.CHECKS))
-    min_language_consistency: float = Field(1.0, ge=0, le=1)
-    language_min_words: int = Field(1, ge=1, description="words a think body needs to be judged")
-    min_tokens: int = Field(8, ge=0)
-    max_tokens: int | None = Field(None, ge=1, description="upper length bound (None: only cut-off rows fail)")
-    max_paragraph_chars: int = Field(1200, ge=1)
-    dedupe_threshold: float = Field(0.9, gt=0, le=1)
     seed_offset: int = 0
     orm: OrmConfig = Field(default_factory=OrmConfig, description="outcome reward model (off by default)")
-
-    @field_validator("checks")
-    @classmethod
-    def _known_checks(cls, v: list[str]) -> list[str]:
-        unknown = [c for c in v if c not in filters.CHECKS]
-        if unknown:
-            raise ValueError(f"unknown checks {unknown}; the checks are: {', '.join(filters.CHECKS)}")
-        return v
-
-    def filter_params(self) -> filters.FilterParams:
-        return filters.FilterParams(
-            checks=tuple(self.checks), keep_per_prompt=self.keep_per_prompt,
-            min_language_consistency=self.min_language_consistency, language_min_words=self.language_min_words,
-            min_tokens=self.min_tokens,
-            max_tokens=self.max_tokens, max_paragraph_chars=self.max_paragraph_chars,
-            dedupe_threshold=self.dedupe_threshold)
 
 
 def is_correct(row: dict[str, Any]) -> bool:
@@ -182,22 +155,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     out.mkdir(parents=True, exist_ok=True)
     rows, n_prompts = sample_train_rows(cfg, inputs["rl_reasoning"], inputs["problems"], ctx, sampler_factory,
                                         stage="rejection_sampling", origin="rl_reasoning")
-    candidates = [filters.Candidate(group=r["problem_id"], completion=r["completion"], n_tokens=r["n_tokens"],
-                                    finish_reason=r["finish_reason"], answer=r["answer"], language=r["language"])
-                  for r in rows]
-    # Correctness is always measured (the pass rate and the pairs need it), applied or not.
-    params = cfg.filter_params()
-    judgements = filters.judge(candidates, params)
-    if "correct" not in params.checks:
-        for j, s in zip(judgements, accuracy_reward([r["completion"] for r in rows],
-                                                    answer=[r["answer"] for r in rows])):
-            j.accuracy = s
-    for r, j in zip(rows, judgements):
-        r.update(filters.filter_record(j))
+    kept, counts = filters.judge_rows(rows, cfg.filter_params(), "rejection_sampling")
     write_table(pa.Table.from_pylist(rows, schema=filters.CANDIDATES_SCHEMA), out / "candidates.parquet",
                 filters.CANDIDATES_SCHEMA)
 
-    kept = [r for r in rows if r["drop_reason"] is None]
     sft_rows = [conversational(r, cfg.template, ("completion",)) for r in kept]
     write_table(pa.Table.from_pylist(sft_rows, schema=REASONING_SFT_SCHEMA), out / "reasoning_sft.parquet",
                 REASONING_SFT_SCHEMA)
@@ -208,20 +169,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     write_table(pa.Table.from_pylist(pair_rows, schema=PREFERENCE_PAIRS_SCHEMA), out / "preference_pairs.parquet",
                 PREFERENCE_PAIRS_SCHEMA)
 
-    counts = filters.drop_counts(judgements)
-    if len(kept) + sum(counts.values()) != len(rows):  # every candidate has one fate
-        raise RuntimeError(f"rejection_sampling bookkeeping: {len(kept)} kept + {sum(counts.values())} "
-                           f"dropped != {len(rows)} candidates")
     summary: dict[str, Any] = {
-        "prompts": n_prompts,
-        "candidates": len(rows),
-        "kept": len(kept),
-        "kept_rate": round(len(kept) / len(rows), 6) if rows else 0.0,
-        "kept_prompts": len({r["problem_id"] for r in kept}),
-        "mean_kept_tokens": round(sum(r["n_tokens"] for r in kept) / len(kept), 3) if kept else 0.0,
+        **filters.kept_summary(rows, kept, n_prompts, counts),
         "pairs": len(pairs),
         **pass_rate_stats(rows),
-        **{f"dropped_{reason}": n for reason, n in counts.items()},
     }
     if cfg.orm.enabled:
         metrics, orm_summary = orm_model.fit(cfg.orm, find_checkpoint(inputs["rl_reasoning"]),

@@ -8,9 +8,10 @@ import pytest
 
 from stages import synthetic
 from stages.filters import (
-    CHECKS, DROP_REASONS, Candidate, FilterParams, drop_counts, duplicate_flags, filter_record,
-    has_code_fence, has_overlong_paragraph, has_repetition_loop, is_language_mixed, jaccard, judge,
-    language_ok, length_ok, longest_paragraph, longest_repeat_run, normalize_text, shingles, words,
+    CHECKS, Candidate, DROP_REASONS, FilterParams, FilterSettings, drop_counts, duplicate_flags, filter_record,
+    has_code_fence, has_overlong_paragraph, has_repetition_loop, is_language_mixed, jaccard, judge, judge_rows,
+    kept_summary, language_ok, length_ok, longest_paragraph, longest_repeat_run, normalize_text, shingles,
+    words,
 )
 
 CLEAN = " <think> 9+3=12 carry 1: 2. 7+3+1=11 carry 1: 12. so 712. </think> <answer> 712 </answer>"
@@ -148,3 +149,29 @@ def test_language_check_counts_a_single_foreign_word_by_default() -> None:
     assert strict[0].drop_reason == "language" and strict[0].language_consistency == pytest.approx(1 / 3)
     lenient = judge(cand, FilterParams(checks=("language",), language_min_words=5))
     assert lenient[0].kept and lenient[0].language_consistency == 1.0  # the reward's neutral value
+
+
+def test_judge_rows_gives_every_row_one_fate_and_always_measures_correctness() -> None:
+    ok = "<think> 2 + 2 = 4 </think> <answer> 4 </answer>"
+    wrong = "<think> 2 + 2 = 5 </think> <answer> 5 </answer>"
+    rows = [dict(problem_id=p, completion=c, n_tokens=12, finish_reason=f, answer="4", language="en")
+            for p, c, f in (("a", ok, "stop"), ("a", wrong, "stop"), ("a", ok, "length"), ("b", "no tags", "stop"))]
+    # correctness is not a check here, yet it is measured (pass rates and preference pairs need it)
+    kept, counts = judge_rows(rows, FilterParams(checks=("format", "length")), "test")
+    assert [r["accuracy"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+    assert [r["drop_reason"] for r in rows] == [None, None, "length", "format"]
+    assert kept == rows[:2] and counts["length"] == 1 and counts["format"] == 1
+    assert sum(counts.values()) + len(kept) == len(rows)
+    summary = kept_summary(rows, kept, n_prompts=2, counts=counts)
+    assert summary["candidates"] == 4 and summary["kept"] == 2 and summary["kept_rate"] == 0.5
+    assert summary["kept_prompts"] == 1 and summary["dropped_length"] == 1 and summary["dropped_format"] == 1
+
+
+def test_both_filtering_stages_take_the_chain_settings_from_one_place() -> None:
+    from stages import cold_start, rejection_sampling
+
+    shared = set(FilterSettings.model_fields)
+    assert shared <= set(cold_start.Config.model_fields) and shared <= set(rejection_sampling.Config.model_fields)
+    assert rejection_sampling.Config().checks == list(CHECKS)  # every check on
+    assert "paragraph" not in cold_start.Config().checks       # cold_start's narrower default
+    assert cold_start.Config(min_tokens=3).filter_params().min_tokens == 3
