@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,37 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_server()
-    from prefect import serve
-
     specs = [json.loads(p.read_text()) for p in sorted(schedules_dir(Path(args.root)).glob("*.json"))]
     if not specs:
         raise ConfigError(f"nothing to serve: no schedules under {schedules_dir(Path(args.root))}; "
                           "create one with `r1flow schedule distill ...`")
-    serve(*[build_deployment(s) for s in specs], limit=args.limit)
+    serve_until_stopped([build_deployment(s) for s in specs], limit=args.limit)
+    print("r1flow serve: stopped (the served schedules are paused until the next `r1flow serve`)", file=sys.stderr)
     return 0
+
+
+def serve_until_stopped(deployments: list, limit: int | None) -> None:
+    """Prefect's `serve`, stopped the same clean way by Ctrl-C and by SIGTERM.
+
+    Prefect's runner answers SIGTERM by calling its async `stop` from a signal handler (the coroutine
+    is never awaited, then `sys.exit` lands inside the event loop); here SIGTERM takes Ctrl-C's
+    path instead: asyncio cancels the runner, which pauses its schedules and exits.
+    """
+    import asyncio
+    import signal
+
+    from prefect.runner import Runner
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    runner = _Runner(pause_on_shutdown=True, limit=limit)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+          + "; trigger one with `prefect deployment run NAME`; Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass

@@ -80,8 +80,9 @@ def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
         assert trigger.returncode == 0, trigger.stdout + trigger.stderr
 
         before = RunStore(root).load(teacher).stages["distill"].path
-        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        serve_log = tmp_path / "serve.log"
+        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env=env, stdout=serve_log.open("w"),
+                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         entry = None
         while time.time() < deadline:
@@ -95,6 +96,24 @@ def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
         record = RunStore(root).load(teacher)
         assert record.config["distill"]["steps"] == 3
         assert record.stages["evaluate"].status == "stale"  # downstream of the new students
+        # Ctrl-C stops the server cleanly: exit 0, no traceback, no un-awaited coroutine
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0, serve_log.read_text()
+        out = serve_log.read_text()
+        assert "never awaited" not in out and "Traceback" not in out, out
+        assert "r1flow serve: stopped" in out
+        # ... and so does SIGTERM (Prefect's own handler leaves its async stop un-awaited)
+        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env=env, stdout=serve_log.open("w"),
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while "serving distill/nightly" not in serve_log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # the runner is polling
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0, serve_log.read_text()
+        out = serve_log.read_text()
+        assert "never awaited" not in out and "Traceback" not in out, out
+        assert "r1flow serve: stopped" in out
     finally:
         if serve is not None:
             _stop(serve)
