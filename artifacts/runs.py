@@ -88,7 +88,7 @@ class StageEntry:
 class RunRecord:
     run_id: str
     created: str
-    status: str  # running | succeeded | stale (some stage's upstream changed) | failed | interrupted
+    status: str  # running | succeeded | partial (`run --until`) | stale (some stage's upstream changed) | failed | interrupted
     preset: str | None
     config: dict[str, Any]
     stages: dict[str, StageEntry]

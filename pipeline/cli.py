@@ -1,6 +1,6 @@
 """`r1flow`: the user's verbs (DESIGN.md, "The user's verbs").
 
-    r1flow run [--preset tiny] [--config FILE] [--set stage.key=value ...] [--run-id ID] [--json]
+    r1flow run [--preset tiny] [--config FILE] [--set stage.key=value ...] [--run-id ID] [--from S] [--until S] [--json]
     r1flow stage NAME --run RUN_ID [--force] [--set ...]
     r1flow inspect RUN_ID/STAGE[/FILE] | PATH [--rows N] [--columns ...] [--where ...] [--width N|--full] [--json]
     r1flow runs [--json]
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print exactly one JSON document on stdout (run id and per-stage map); "
                         "progress and the table go to stderr")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of user errors (always in the run's log)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                   help="start at this stage: the stages before it are reused from the cache, never computed "
+                        "(an uncached one is an error)")
+    p.add_argument("--until", dest="until_stage", choices=STAGES, default=None,
+                   help="stop after this stage; the run reads `partial` and "
+                        "`r1flow stage NEXT --run ID --downstream` continues it")
 
     p = verb("stage", "rerun one stage of an existing run, reusing its upstream")
     p.add_argument("name", choices=STAGES, help="the stage to rerun")

@@ -52,12 +52,23 @@ def _prefect_session(root: Path, run_id: str, verbose: bool) -> Iterator[None]:
             raise
 
 
+def stage_span(from_stage: str | None, until_stage: str | None) -> tuple[list[str], list[str]]:
+    """`run --from X --until Y`: the stages to go through (up to Y), and those before X (reuse only)."""
+    start = STAGES.index(from_stage) if from_stage else 0
+    stop = STAGES.index(until_stage) + 1 if until_stage else len(STAGES)
+    if start >= stop:
+        raise ConfigError(f"--from {from_stage} comes after --until {until_stage}; stages run in the order "
+                          + " -> ".join(STAGES))
+    return list(STAGES[:stop]), list(STAGES[:start])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from prefect import tags
 
     from pipeline.flows import r1_pipeline
 
     cfg = load_config(args.preset, args.config, args.overrides)  # every stage validated before work
+    stages, reuse_only = stage_span(getattr(args, "from_stage", None), getattr(args, "until_stage", None))
     root = Path(args.root)
     check_new_run_id(root, args.run_id, args.overwrite)
     record = RunStore(root).create(cfg.to_dict(), STAGES, preset=args.preset, run_id=args.run_id)
@@ -66,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _prefect_session(root, record.run_id, getattr(args, "verbose", False)), \
                 tags("r1flow", f"preset:{args.preset}"):
-            r1_pipeline(run_id=record.run_id, root=str(root))
+            r1_pipeline(run_id=record.run_id, root=str(root), stages=stages, reuse_only=reuse_only)
     finally:
         _print_table(root, record.run_id, file=human)
         if args.json:

@@ -6,7 +6,7 @@ hash(stage, config, input content hashes, code version) (DESIGN.md). Prefect's o
 switched off (`NO_CACHE`) on purpose: a cached Prefect result would hand back the path of an
 artifact that may since have been deleted or corrupted, and its default policy hashes inputs by
 path rather than content. The task run is named `<stage>-<cache key prefix>`, so the UI shows
-which artifact a task produced or reused.
+which artifact a task produced or reused, and a reused one ends in a `Cached` state.
 
 Tasks pass run ids and paths, never tensors or tables. Against a Prefect server, model stages take
 a global concurrency slot named `r1flow-device-<device>` (limit 1, created on the server the first
@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from artifacts import ArtifactError, RunStore, read_manifest
 from lm.train import resolve_device
@@ -143,33 +144,79 @@ def publish_ui_artifacts(run_id: str, stage: str, path: Path, status: str) -> No
                              description=f"{stage} manifest, run {run_id}")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient,
+@task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient,
       task_run_name="{name}")
-def stage_task(name: str, run_id: str, root: str, force: bool = False) -> dict[str, Any]:
+def stage_task(name: str, run_id: str, root: str, force: bool = False, reuse_only: bool = False) -> dict[str, Any]:
     """Run (or reuse) one stage of a run; returns its status and artifact path."""
     logger = _logger()
     root_path = Path(root)
     cfg = config_of(run_id, root_path)
-    if name in DEVICE_FREE_STAGES:
-        outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=_progress)
-    else:
-        with device_slot(resolve_device(cfg.run.device)):
-            outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=_progress)
+    slot = nullcontext() if name in DEVICE_FREE_STAGES or reuse_only else device_slot(resolve_device(cfg.run.device))
+    with slot:
+        outcome = execute_stage(name, cfg, run_id, root_path, force=force, log=logger.info, progress=_progress,
+                                reuse_only=reuse_only)
     try:
         publish_ui_artifacts(run_id, name, outcome.path, outcome.status)
     except Exception as e:  # the UI preview must never fail a finished stage
         logger.warning(f"{name}: could not publish UI artifacts: {e}")
-    return {"stage": name, "status": outcome.status, "path": str(outcome.path), "seconds": outcome.seconds}
+    result = {"stage": name, "status": outcome.status, "path": str(outcome.path), "seconds": outcome.seconds}
+    if outcome.status == "cached":  # shown as `Cached` in the UI, not as a computed `Completed`
+        return Completed(name="Cached", data=result, message=f"reused {Path(outcome.path).name}")
+    return result
+
+
+def run_stage(name: str, run_id: str, root: str, **options: Any) -> dict[str, Any]:
+    """`stage_task` inside a flow: its result dict (a failed stage raises its exception)."""
+    return stage_task(name, run_id, root, return_state=True, **options).result()
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report")
+def report_task(run_id: str, root: str) -> str:
+    """Write the run's report (`r1flow report`) and publish it, plots inline, as a markdown artifact
+    keyed `<run>-report`; a report that cannot be drawn is a warning, never a failed run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline.report import write_report
+
+    try:
+        path = write_report(Path(root), run_id)
+    except Exception as e:
+        _logger().warning(f"report: could not be written: {e}")
+        return ""
+    create_markdown_artifact(inline_images(path), key=artifact_key(run_id, "run", "report"),
+                             description=f"report of run {run_id} ({path})")
+    return str(path)
+
+
+def inline_images(report: Path, max_bytes: int = 2_000_000) -> str:
+    """The report's Markdown with its PNGs as data URIs (the UI cannot read local files); images
+    past `max_bytes` in all stay as their absolute paths."""
+    import base64
+
+    text, budget = report.read_text(), max_bytes
+    for png in sorted(report.parent.glob("*.png")):
+        data = png.read_bytes()
+        target = str(png.resolve())
+        if len(data) <= budget:
+            budget -= len(data)
+            target = "data:image/png;base64," + base64.b64encode(data).decode()
+        text = text.replace(f"]({png.name})", f"]({target})")
+    return text + f"\n\nFiles: `{report.parent.resolve()}`\n"
 
 
 @flow(name="r1_pipeline", flow_run_name="{run_id}", log_prints=True)
-def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None) -> list[dict]:
-    """Every stage of the R1 recipe in order (or the listed ones), each reused when cached."""
+def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: list[str] | None = None,
+                reuse_only: list[str] | None = None) -> list[dict]:
+    """Every stage of the R1 recipe in order (or the listed ones), each reused when cached; the
+    `reuse_only` ones (before `run --from`) are taken from the cache or fail, never computed."""
     results = []
     with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):  # no `stage` swaps one out from under it
         try:
             for name in stages or list(STAGES):
-                results.append(stage_task(name, run_id, root, force=name in (force or [])))
+                results.append(run_stage(name, run_id, root, force=name in (force or []),
+                                         reuse_only=name in (reuse_only or [])))
+            if results and results[-1]["stage"] == STAGES[-1]:
+                report_task(run_id, root)
         except BaseException:
             finish_run(Path(root), run_id, "failed")
             raise
@@ -181,7 +228,7 @@ def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: 
 def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
     """Rerun one stage of an existing run, reusing its upstream artifacts."""
     with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):
-        result = stage_task(name, run_id, root, force=force)
+        result = run_stage(name, run_id, root, force=force)
         if RunStore(Path(root)).load(run_id).status == "stale":
             finish_run(Path(root), run_id, "succeeded")  # stays "stale" while any stage is
     return result
@@ -205,4 +252,4 @@ def distill_flow(teacher_run: str, students: list[str], root: str, overrides: li
         existing = RunStore(Path(root)).load(teacher_run).config.get("distill", {}).get("students", [])
         student_specs = merged_students(existing, students)
         update_run_config(Path(root), teacher_run, [f"distill.students={json.dumps(student_specs)}", *(overrides or [])])
-        return stage_task("distill", teacher_run, root)
+        return run_stage("distill", teacher_run, root)

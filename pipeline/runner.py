@@ -40,6 +40,10 @@ class UpstreamMissing(ArtifactError):
     """A stage's input artifact is absent or corrupt; named, never recomputed silently."""
 
 
+class NotCached(ArtifactError):
+    """A stage that may only be reused (before `run --from`) has no artifact in the cache."""
+
+
 class StageError(ArtifactError):
     """A stage rejected its input or diverged: a message for the user, not a traceback."""
 
@@ -120,8 +124,13 @@ def execute_stage(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress=None,
+    reuse_only: bool = False,
 ) -> StageOutcome:
-    """Reuse or produce one stage's artifact for a run, and record it in the run record."""
+    """Reuse or produce one stage's artifact for a run, and record it in the run record.
+
+    `reuse_only` (the stages before `r1flow run --from X`): take the artifact from the cache or fail
+    with `NotCached`; never compute it.
+    """
     runs, store = RunStore(root), ArtifactStore(root)
     record = runs.load(run_id)
     inputs, hashes = upstream_inputs(name, record)
@@ -143,6 +152,13 @@ def execute_stage(
         if found is not None:
             status, seconds = "cached", 0.0
             log(f"{name}: reused from cache ({found.manifest.id})")
+        elif reuse_only:
+            error = NotCached(f"stage {name} has no cached artifact for this config (key {key[:12]}), and stages "
+                              f"before --from are only reused, never computed: start earlier (--from {name}) "
+                              "or drop --from")
+            record.stages[name].status, record.stages[name].error = "failed", str(error)
+            runs.save(record)
+            raise error
         else:
             found, seconds = _produce(name, cfg, key, payload, inputs, hashes, run_id, root, log, progress)
             status = "ran"
@@ -233,11 +249,14 @@ def _participate(name: str, cfg: RunConfig, inputs: dict[str, Path], scratch: Pa
 
 
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:
-    """Record how a flow ended; a "succeeded" run that still has stale stages reads "stale"."""
+    """Record how a flow ended; a "succeeded" run that still has stale stages reads "stale", one
+    with stages never run (`run --until`) reads "partial"."""
     runs = RunStore(root)
     record = runs.load(run_id)
     if status == "succeeded" and any(e.status == "stale" for e in record.stages.values()):
         status = "stale"
+    elif status == "succeeded" and any(e.status == "pending" for e in record.stages.values()):
+        status = "partial"
     record.status = status
     runs.save(record)
     return record

@@ -43,6 +43,12 @@ def test_prefect_ui_names_runs_and_scopes_artifacts(micro_run):
         rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
         assert {r["checkpoint"] for r in rows} >= {"base", "rl_zero", "sft", "rl_reasoning"}
         assert not client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+        report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["micro-1-run-report"])))
+        assert report, "the run's report is published at the end of the flow"
+        body = report[0].data
+        # every plot the report draws is inline, since the UI cannot open local files
+        assert body.count("](data:image/png;base64,") == body.count("![") >= 2
+        assert "## Evaluation" in body
 
 
 def test_second_identical_run_reuses_every_stage(micro_run):
@@ -53,6 +59,49 @@ def test_second_identical_run_reuses_every_stage(micro_run):
     assert {s["status"] for s in summary["stages"].values()} == {"cached"}
     first = RunStore(root).load("micro-1")
     assert all(summary["stages"][n]["path"] == first.stages[n].path for n in STAGES)
+    # the Prefect UI tells a reused stage from a computed one
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        flow_runs = {r.name: r for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["micro-1", "micro-2"])))}
+        states = {name: {t.state.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id={"any_": [flow_runs[name].id]}))} for name in ("micro-1", "micro-2")}
+    assert states == {"micro-1": {"Completed"}, "micro-2": {"Cached"}}
+
+
+def test_run_from_until_reuses_before_and_stops_after(micro_copy, tmp_path):
+    root, _ = micro_copy
+    # --until: stops after rl_zero, every stage up to it a cache hit; the run is `partial`
+    code, out = cli("run", "--preset", "micro", "--root", str(root), "--run-id", "part", "--until", "rl_zero",
+                    "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["status"] == "partial"
+    stages = summary["stages"]
+    assert [n for n in STAGES if stages[n]["status"] == "cached"] == ["problems", "base", "rl_zero"]
+    assert all(stages[n]["status"] == "pending" for n in STAGES[STAGES.index("cold_start"):])
+    # --from: a changed sft is computed, the stages before it are only reused
+    code, out = cli("run", "--preset", "micro", "--root", str(root), "--run-id", "from-sft", "--from", "sft",
+                    "--until", "sft", "--set", "sft.lr=0.0007", "--json")
+    assert code == 0
+    stages = json.loads(out)["stages"]
+    assert [stages[n]["status"] for n in STAGES[:STAGES.index("sft") + 1]] == ["cached"] * 4 + ["ran"]
+    # ... and one not in the cache is an error naming it, with nothing computed
+    code, _ = cli("run", "--preset", "micro", "--root", str(root), "--run-id", "from-new", "--from", "sft",
+                  "--set", "base.steps=3")
+    assert code == 2
+    record = RunStore(root).load("from-new")
+    assert record.stages["base"].status == "failed" and "no cached artifact" in record.stages["base"].error
+    assert all(record.stages[n].status == "pending" for n in STAGES[STAGES.index("rl_zero"):])
+
+
+def test_run_from_after_until_is_refused(tmp_path, capsys):
+    code, _ = cli("run", "--preset", "micro", "--root", str(tmp_path), "--from", "sft", "--until", "base")
+    assert code == 2
+    assert "--from sft comes after --until base" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before any record is written
 
 
 def test_rerun_one_stage_with_new_config_marks_downstream_stale(micro_copy):
