@@ -235,9 +235,8 @@ def _smollm2_path() -> Path:
 def smollm2():
     path = _smollm2_path()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    t0 = time.perf_counter()
     model, tok = load_model("smollm2-135m")
-    return path, model, tok, time.perf_counter() - t0
+    return path, model, tok
 
 
 def chat(tok, question: str) -> list[int]:
@@ -245,7 +244,7 @@ def chat(tok, question: str) -> list[int]:
 
 
 def test_smollm2_loads_with_its_real_shape(smollm2) -> None:
-    _, model, tok, seconds = smollm2
+    _, model, tok = smollm2
     preset = MODEL_PRESETS["smollm2-135m"]
     shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
     assert all(getattr(model.config, k) == getattr(preset, k) for k in shape)
@@ -253,11 +252,10 @@ def test_smollm2_loads_with_its_real_shape(smollm2) -> None:
     assert (tok.eos_id, tok.vocab_size) == (2, 49152)
     assert tok.encode("<|im_start|>user\nHello world<|im_end|>") == [1, 4093, 198, 19556, 905, 2]
     assert tok.decode([49151]) == "ectable"  # the last id, past which the 21 missing bytes are ranked
-    assert seconds < 60
 
 
 def test_smollm2_answers_a_question_greedily(smollm2) -> None:
-    _, model, tok, _ = smollm2
+    _, model, tok = smollm2
     gen = TorchSampler(model, tok).generate([chat(tok, "What is the capital of France?")],
                                             SamplingParams(max_new_tokens=12, temperature=0.0), seed=0)[0]
     assert "Paris" in tok.decode(gen.token_ids)
@@ -290,7 +288,7 @@ def reference(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_token_ids_match_transformers(smollm2, reference) -> None:
-    _, _, tok, _ = smollm2
+    _, _, tok = smollm2
     hf_tok, raw_tok, _ = reference
     texts = varied_texts(SPECIALS + ["<file_sep>", "<jupyter_code>"])
     ours = [tok.encode(s) for s in texts]
@@ -309,7 +307,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1 + 1 = 2, 2 
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2, reference) -> None:
-    _, model, tok, _ = smollm2
+    _, model, tok = smollm2
     hf_model = reference[2]
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
@@ -320,7 +318,7 @@ def test_smollm2_logits_match_transformers(smollm2, reference) -> None:
 
 @pytest.mark.slow
 def test_smollm2_greedy_generation_matches_transformers(smollm2, reference) -> None:
-    _, model, tok, _ = smollm2
+    _, model, tok = smollm2
     hf_model = reference[2]
     prompt = chat(tok, "Explain photosynthesis in detail.")
     ours = TorchSampler(model, tok).generate([prompt], SamplingParams(max_new_tokens=32, temperature=0.0),

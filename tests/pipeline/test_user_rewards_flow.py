@@ -3,7 +3,6 @@ reference stops `r1flow run` at once (exit 2, the file and function named)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -58,13 +57,9 @@ def test_user_reward_file_drives_rl_zero_and_an_edit_reruns_downstream(micro_cop
 def test_broken_reward_reference_fails_before_any_stage(tmp_path, capsys):
     path = tmp_path / "my_rewards.py"
     path.write_text(REWARD.format(limit=3))
-    t0 = time.perf_counter()
     code, _ = cli("run", "--preset", "micro", "--root", str(tmp_path / "root"), "--set",
                   f'rl_zero.rewards={{accuracy = 1.0, "{path}:short_answr" = 1.0}}')
-    assert code == 2
-    # Config validation imports the stage modules (torch) and nothing more; no flow starts. The bound
-    # is loose because this 2-core test machine is shared (an idle run takes a few seconds).
-    assert time.perf_counter() - t0 < 60
+    assert code == 2  # config validation fails: no flow starts, nothing is written (below)
     err = capsys.readouterr().err
     assert str(path) in err and "no function 'short_answr'" in err and "short_answer" in err
     assert not (tmp_path / "root" / "artifacts").exists() and not (tmp_path / "root" / "runs").exists()

@@ -11,6 +11,7 @@ import torch
 
 from artifacts import ArtifactError
 from lm.checkpoint import load_checkpoint, save_checkpoint
+from lm.gguf import LoadError
 from lm.model import MODEL_PRESETS, ModelConfig, Transformer
 from lm.tokenizer import train_bpe
 from stages import base as stage
@@ -134,7 +135,7 @@ def test_a_pretrained_source_is_loaded_and_saved_unchanged(tmp_path, problems_di
 
 
 def test_an_unknown_source_is_a_clear_error(tmp_path, problems_dir):
-    with pytest.raises(Exception, match="unknown model source 'no-such-model'"):
+    with pytest.raises(LoadError, match="unknown model source 'no-such-model'"):
         run_base(tmp_path, problems_dir, source="no-such-model")
 
 

@@ -11,6 +11,7 @@ import pydantic
 import pytest
 import torch
 
+from artifacts import ArtifactError
 from lm.checkpoint import load_checkpoint, read_safetensors, save_checkpoint
 from lm.model import MODEL_PRESETS, ModelConfig, Transformer
 from lm.tokenizer import train_bpe
@@ -222,7 +223,7 @@ def test_missing_or_empty_traces_are_clear_errors(tmp_path, inputs):
     rs = tmp_path / "rs"
     rs.mkdir()
     pq.write_table(pa.table({"prompt": ["What is 1 + 1?"]}), rs / "reasoning_sft.parquet")
-    with pytest.raises(Exception, match="missing column 'completion'"):
+    with pytest.raises(ArtifactError, match="missing column 'completion'"):
         run_distill(tmp_path, {**inputs, "rejection_sampling": rs}, "o1")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}),
                    rs / "reasoning_sft.parquet")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,8 +26,8 @@ from stages.grpo import (
 )
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import Problem
+from tests.pipeline.cli_helpers import cli
 
-REPO = Path(__file__).resolve().parents[2]
 TIMING_METRICS = {"step_time", "gen_tokens_per_s"}
 
 
@@ -161,11 +159,10 @@ def test_outputs_open_with_inspect(learned) -> None:
     rollouts = pq.read_table(out / "rollouts.parquet")
     assert rollouts.num_rows == 30 * 4 * 8
     assert set(rollouts.column("sample_index").to_pylist()) == set(range(8))
-    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(out / "rollouts.parquet"),
-                          "--rows", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
+    code, shown = cli("inspect", str(out / "rollouts.parquet"), "--rows", "2")  # in-process, no subprocess
+    assert code == 0
     for col in ("problem_id", "completion", "finish_reason", "reward_ascii", "advantage"):
-        assert col in cli.stdout
+        assert col in shown
 
 
 def test_checkpoint_written(learned) -> None:
