@@ -10,6 +10,14 @@ computes reference log-probs (beta > 0), one policy forward/backward per pass an
 Two warm-up steps are run first and not counted. The last line printed is one JSON object:
 `median_step_s`, `phases` (median seconds of generate, ref_logprobs, policy_fwd_bwd, optimizer),
 and the load average the run saw (the machine is shared; figures are noisy under load).
+
+`--peer trl` then times TRL's `GRPOTrainer` in the same process on the same starting weights and
+tokenizer (written as an HF model directory by `lm.hf_write`, loaded by transformers): the same
+prompts, group size, completion length (`min_new_tokens` = `max_completion_length`, as ours never
+stops early), beta, mu, lr and reward, fp32 on CPU, TRL's defaults otherwise except
+`gradient_checkpointing=False` (r1flow does not checkpoint; TRL 1.x turns it on by default).
+Seconds per optimizer step come from a `TrainerCallback` (step begin to step end, generation
+included); the JSON gains `peer` and `ratio` (ours / TRL).
 """
 from __future__ import annotations
 
@@ -56,6 +64,7 @@ def main() -> None:
     ap.add_argument("--mu", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer", choices=("none", "trl"), default="none", help="also time TRL's GRPOTrainer")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,6 +81,7 @@ def main() -> None:
                      max_new_tokens=args.new_tokens, beta=args.beta, mu=args.mu, stop_at_answer=False,
                      lr=1e-5, warmup_steps=0, autocast=False)  # fp32, as the issue's figure asks
     sampler = TorchSampler(model, None, max_batch_size=args.prompts * args.group)  # no tokenizer: no stop id
+    hf_dir = write_hf(model, tok) if args.peer == "trl" else None  # the starting weights, for the peer
     tr = make_parts(cfg, model, tok, problems, digit_share, seed=0, sampler=sampler)
 
     load_before = os.getloadavg()
@@ -86,7 +96,12 @@ def main() -> None:
             for p in PHASES:
                 phases[p].append(res.phases.get(p, 0.0))
             tokens.append(res.metrics["completion_len_mean"])
+    result: dict = {}
+    if hf_dir is not None:
+        result["peer"] = trl_steps(hf_dir, problems, args)
+        result["ratio"] = round(statistics.median(steps) / result["peer"]["median_step_s"], 3)
     print(json.dumps({
+        **result,
         "median_step_s": round(statistics.median(steps), 4),
         "phases": {p: round(statistics.median(v), 4) for p, v in phases.items()},
         "min_step_s": round(min(steps), 4),
@@ -103,6 +118,69 @@ def main() -> None:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "args": vars(args),
     }))
+
+
+def write_hf(model: Transformer, tok) -> Path:
+    """The model and tokenizer as an HF directory (as `r1flow export --format hf` writes one)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from lm.hf_write import hf_files, hf_tensors
+
+    out = Path(tempfile.mkdtemp(prefix="grpo-bench-hf-"))
+    for name, text in hf_files(model.config, tok, torch.float32).items():
+        (out / name).write_text(text)
+    tensors = hf_tensors(model.state_dict(), model.config)
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def trl_steps(hf_dir: Path, problems, args) -> dict:
+    """Median seconds per step of TRL's GRPOTrainer on the same model, prompts and reward."""
+    import datasets
+    import transformers
+    import trl
+
+    class StepTimer(transformers.TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    def digits(completions, **_):
+        return digit_share(None, None, completions).total
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.convert_ids_to_tokens(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    config = trl.GRPOConfig(
+        output_dir=str(hf_dir / "trl"), max_steps=args.steps + WARMUP, per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group, max_completion_length=args.new_tokens,
+        generation_kwargs={"min_new_tokens": args.new_tokens}, beta=args.beta, num_iterations=args.mu,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    timer = StepTimer()
+    rows = [{"prompt": p.prompt} for p in problems]
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[digits], args=config, processing_class=tok,
+                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[timer])
+    load_before = os.getloadavg()
+    trainer.train()
+    counted = timer.seconds[WARMUP:]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"name": f"trl {trl.__version__} GRPOTrainer", "median_step_s": round(statistics.median(counted), 4),
+            "min_step_s": round(min(counted), 4), "steps": len(counted),
+            "completion_tokens": statistics.mean(lengths[WARMUP:]) if lengths[WARMUP:] else None,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 if __name__ == "__main__":
