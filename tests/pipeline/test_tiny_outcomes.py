@@ -1,7 +1,6 @@
 """The embedded default end to end: `r1flow run` on the tiny preset reaches the R1 recipe's effects
 (issue 8). Slow (about 10 minutes a run on 2 CPU cores): `python -m pytest -m slow tests/pipeline/test_tiny_outcomes.py`.
 """
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,13 +10,9 @@ from artifacts import verify
 from pipeline.config import STAGES
 from tests.pipeline.cli_helpers import cli_json
 
-BUDGET_S = 15 * 60
 
-
-def run_tiny(root: Path) -> tuple[dict, float]:
-    start = time.perf_counter()
-    summary = cli_json("run", "--preset", "tiny", "--root", str(root), "--json")
-    return summary, time.perf_counter() - start
+def run_tiny(root: Path) -> dict:
+    return cli_json("run", "--preset", "tiny", "--root", str(root), "--json")
 
 
 def summary_by_checkpoint(run: dict) -> dict[str, dict]:
@@ -30,14 +25,9 @@ def tiny_run(prefect_harness, tmp_path_factory):
     return run_tiny(tmp_path_factory.mktemp("tiny-a"))
 
 
-@pytest.mark.slow
-def test_tiny_preset_reaches_the_recipes_effects(tiny_run):
-    run, seconds = tiny_run
-    assert run["status"] == "succeeded"
-    for name in STAGES:
-        verify(run["stages"][name]["path"])
-    assert seconds <= BUDGET_S, f"r1flow run took {seconds / 60:.1f} min (budget 15)"
-    s = summary_by_checkpoint(run)
+def assert_recipe_effects(s: dict[str, dict]) -> None:
+    """The R1 effects the tiny preset must show, on evaluate's summary by checkpoint (also applied by
+    hand to a timed run: `assert_recipe_effects(summary_by_checkpoint(run_json))`)."""
     base, zero, reasoning = s["base"], s["rl_zero"], s["rl_reasoning"]
     student, baseline = s["student:tiny-student"], s["baseline:tiny-student"]
     # R1-Zero: pure RL from the base lifts pass@1 by 15 points and settles the format
@@ -53,8 +43,17 @@ def test_tiny_preset_reaches_the_recipes_effects(tiny_run):
 
 
 @pytest.mark.slow
+def test_tiny_preset_reaches_the_recipes_effects(tiny_run):
+    run = tiny_run  # its wall time is a bench figure (the note quotes it), never asserted here
+    assert run["status"] == "succeeded"
+    for name in STAGES:
+        verify(run["stages"][name]["path"])
+    assert_recipe_effects(summary_by_checkpoint(run))
+
+
+@pytest.mark.slow
 def test_same_seed_gives_the_same_eval_table(tiny_run, tmp_path):
-    first, _ = tiny_run
-    second, _ = run_tiny(tmp_path)
+    first = tiny_run
+    second = run_tiny(tmp_path)
     tables = [pq.read_table(Path(r["stages"]["evaluate"]["path"]) / "eval.parquet") for r in (first, second)]
     assert tables[0].equals(tables[1])
