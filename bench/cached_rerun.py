@@ -1,7 +1,7 @@
 """What a cached rerun costs as checkpoints grow (issue 18), printed as one JSON line.
 
     python bench/cached_rerun.py [--sizes-mb 64 512]
-    python bench/cached_rerun.py --root DIR [--preset smollm2-135m]    # after one real run on DIR
+    python bench/cached_rerun.py --root DIR [--preset smollm2-135m] [--set K=V ...]  # after one real run on DIR
 
 Store mode (default): for each size, publish an artifact holding a checkpoint file of that many
 MB through the artifact store, then time what every cached stage and every read does with it:
@@ -71,7 +71,7 @@ def store_mode(sizes_mb: list[int]) -> dict[str, object]:
     return out
 
 
-def run_mode(root: Path, preset: str) -> dict[str, object]:
+def run_mode(root: Path, preset: str, overrides: list[str]) -> dict[str, object]:
     runs = RunStore(root).list()
     if not runs:
         raise SystemExit(f"no run under {root}: do one real `r1flow run --preset {preset} --root {root}` first")
@@ -80,13 +80,15 @@ def run_mode(root: Path, preset: str) -> dict[str, object]:
         if entry.path:
             sizes[name] = round(sum(p.stat().st_size for p in Path(entry.path).rglob("*") if p.is_file()) / 2**20, 1)
     start = time.perf_counter()
+    sets = [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--preset", preset, "--root", str(root),
-                           "--json"], capture_output=True, text=True)
+                           "--json", *sets], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"preset": preset, "cached_run_s": round(seconds, 2),
+    return {"preset": preset, "overrides": overrides, "cached_run_s": round(seconds, 2),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "statuses": sorted({s["status"] for s in summary["stages"].values()}),
             "artifact_mb": sizes}
 
@@ -96,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--root", type=Path, default=None, help="run mode: a root that already holds one run")
     ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="run mode: the overrides the real run used (repeatable)")
     args = ap.parse_args(argv)
-    out = run_mode(args.root, args.preset) if args.root else {"store": store_mode(args.sizes_mb)}
+    out = run_mode(args.root, args.preset, args.overrides) if args.root else {"store": store_mode(args.sizes_mb)}
     print(json.dumps(out))
     return 0
 
