@@ -30,7 +30,8 @@ def test_killed_run_resumes_from_the_interrupted_stage(tmp_path):
     deadline = time.time() + 600
     resume_states = []
     while time.time() < deadline and first.poll() is None:
-        resume_states = list((root / "work" / "rl_zero").glob("*/grpo_resume"))
+        # a complete state: its LATEST pointer is written last (the folder exists while the first is saved)
+        resume_states = list((root / "work" / "rl_zero").glob("*/grpo_resume/LATEST"))
         if resume_states:
             break
         time.sleep(0.2)
