@@ -22,8 +22,10 @@ value: loss, lr, grad_norm, tokens, tokens_per_s per step; val_loss every `eval_
 Resumes from `ctx.run_dir` after a crash with the same result as an uninterrupted run.
 
 Budget (measured on the shared 2-core test machine, single-thread CPU time): a "tiny" step of 32
-documents (~70 tokens each) costs ~0.33-0.44 s of one thread with bf16 autocast (fp32: ~2x), so
-the default 1000 steps are ~6 thread-minutes of compute (two threads: roughly 3.5-4 minutes).
+documents (~70 tokens each) costs ~0.33-0.44 s of one thread with bf16 autocast on a CPU with
+native bf16 (fp32: ~2x), so the default 1000 steps are ~6 thread-minutes of compute (two threads:
+roughly 3.5-4 minutes). On a CPU without native bf16 (AVX2 only) autocast is off: emulated bf16
+made the same stage over 3x slower than fp32 there (`lm.train.autocast_context`).
 The loss is about a function of tokens seen: 600 steps reach validation loss 0.83, 1500 steps
 0.58 on the default corpus.
 """
@@ -77,7 +79,7 @@ class Config(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     clip: float = Field(1.0, ge=0, description="max global grad norm (0: no clipping)")
-    autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
+    autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights) where the device does bf16 natively")
     val_docs: int = Field(256, ge=0, description="held-out corpus documents for the validation loss")
     eval_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(200, ge=1, description="resume-state interval in steps")

@@ -126,7 +126,7 @@ class Config(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     clip: float = Field(1.0, ge=0)
-    autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
+    autocast: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights) where the device does bf16 natively")
     kd_weight: float = Field(0.0, ge=0, description="weight of token-level KL to the teacher (0: off)")
     kd_temperature: float = Field(1.0, gt=0)
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out share of the teacher's traces")

@@ -72,7 +72,7 @@ class Config(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(1.0, ge=0)
-    autocast: bool = Field(True, description="bf16 autocast for the forwards (fp32 master weights)")
+    autocast: bool = Field(True, description="bf16 autocast for the forwards (fp32 master weights) where the device does bf16 natively")
     eval_batch_size: int = Field(16, ge=1, description="pairs per no-grad forward (reference, margins)")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(25, ge=1)

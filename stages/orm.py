@@ -61,7 +61,7 @@ class OrmConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(1.0, ge=0)
-    autocast: bool = Field(True, description="bf16 autocast for the forwards (fp32 master weights)")
+    autocast: bool = Field(True, description="bf16 autocast for the forwards (fp32 master weights) where the device does bf16 natively")
     seq_len: int = Field(256, ge=8, description="max prompt + completion tokens (longer: the prompt's start is cut)")
     holdout: float = Field(0.2, ge=0, lt=1, description="share of the candidates (whole prompts) held out")
     eval_batch_size: int = Field(32, ge=1)

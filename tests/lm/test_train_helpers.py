@@ -58,8 +58,6 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype_name("bf16", "cpu") == "bf16"
     with autocast_context("cpu", "fp32"):
         assert not torch.is_autocast_enabled("cpu")
-    with autocast_context("cpu", "bf16"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_fast_fp32_matmul_is_fp32_exact_and_restores_the_setting() -> None:
@@ -84,3 +82,17 @@ def test_training_precision() -> None:
     want = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert training_precision("cpu", "fp32", autocast=True) == want
     assert training_precision("cpu", "bf16", autocast=False) == want
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_only_where_the_device_does_bf16_natively(monkeypatch, native):
+    import lm.train
+
+    monkeypatch.setattr(lm.train, "native_bf16", lambda device: native)
+    with autocast_context("cpu", "bf16"):
+        # emulated bf16 (an AVX2-only CPU) is slower and less exact than fp32: autocast stays off
+        assert torch.is_autocast_enabled("cpu") is native
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast_context("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert lm.train.training_precision("cpu", "fp32", autocast=True) == ("bf16" if native else "fp32")
