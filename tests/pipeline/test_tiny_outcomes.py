@@ -30,8 +30,10 @@ def assert_recipe_effects(s: dict[str, dict]) -> None:
     hand to a timed run: `assert_recipe_effects(summary_by_checkpoint(run_json))`)."""
     base, zero, reasoning = s["base"], s["rl_zero"], s["rl_reasoning"]
     student, baseline = s["student:tiny-student"], s["baseline:tiny-student"]
-    # R1-Zero: pure RL from the base lifts pass@1 by 15 points and settles the format
-    assert zero["pass_at_1"] >= base["pass_at_1"] + 0.15
+    # R1-Zero: pure RL from the base removes two thirds of its pass@1 errors and settles the format.
+    # (Stated in errors, not points: trained in fp32 on a CPU without native bf16 the base is
+    # stronger, 86.6% against 76.4% under bf16 autocast, and the lift was 10.5 points, 87% -> 97%.)
+    assert 1 - zero["pass_at_1"] <= (1 - base["pass_at_1"]) / 3
     assert zero["format_rate"] >= 0.90
     # the language-consistency reward halves the mixing at (almost) no cost in accuracy
     assert reasoning["language_mix_rate"] <= zero["language_mix_rate"] / 2
