@@ -12,7 +12,7 @@ Two warm-up steps are run first and not counted. The last line printed is one JS
 and the load average the run saw (the machine is shared; figures are noisy under load).
 
 `--peer trl` then times TRL's `GRPOTrainer` in the same process on the same starting weights and
-tokenizer (written as an HF model directory by `lm.hf_write`, loaded by transformers): the same
+tokenizer (written as an HF model directory by `lm.checkpoint.save_checkpoint`, loaded by transformers): the same
 prompts, group size, completion length (`min_new_tokens` = `max_completion_length`, as ours never
 stops early), beta, mu, lr and reward, fp32 on CPU, TRL's defaults otherwise except
 `gradient_checkpointing=False` (r1flow does not checkpoint; TRL 1.x turns it on by default).
@@ -132,21 +132,13 @@ def main() -> None:
 
 
 def write_hf(model: Transformer, tok) -> Path:
-    """The model and tokenizer as an HF directory (as `r1flow export --format hf` writes one)."""
+    """The model and tokenizer as an HF directory (`lm.checkpoint.save_checkpoint`, which
+    `r1flow export --format hf` writes too)."""
     import tempfile
 
-    from safetensors.torch import save_file
+    from lm.checkpoint import save_checkpoint
 
-    from lm.hf_write import hf_files, hf_tensors
-
-    out = Path(tempfile.mkdtemp(prefix="grpo-bench-hf-"))
-    for name, text in hf_files(model.config, tok, torch.float32).items():
-        (out / name).write_text(text)
-    tensors = hf_tensors(model.state_dict(), model.config)
-    if model.config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return save_checkpoint(Path(tempfile.mkdtemp(prefix="grpo-bench-hf-")) / "model", model, tok, {})
 
 
 def trl_steps(hf_dir: Path, problems, args) -> dict:
