@@ -156,8 +156,7 @@ def execute_stage(
             error = NotCached(f"stage {name} has no cached artifact for this config (key {key[:12]}), and stages "
                               f"before --from are only reused, never computed: start earlier (--from {name}) "
                               "or drop --from")
-            record.stages[name].status, record.stages[name].error = "failed", str(error)
-            runs.save(record)
+            _record_failure(runs, run_id, name, error)
             raise error
         else:
             found, seconds = _produce(name, cfg, key, payload, inputs, hashes, run_id, root, log, progress)
@@ -207,11 +206,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
                                   module.SCHEMAS)
     except BaseException as e:
         tracker.close()
-        record = runs.load(run_id)
-        record.stages[name].status = "failed"
-        record.stages[name].error = "".join(traceback.format_exception_only(type(e), e)).strip()
-        record.status = "failed"
-        runs.save(record)
+        _record_failure(runs, run_id, name, e)
         if isinstance(e, _USER_FACING):
             raise StageError(f"stage {name} failed: {e}") from e
         raise
@@ -220,6 +215,15 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
     shutil.rmtree(scratch, ignore_errors=True)
     log(f"{name}: done in {seconds:.1f}s ({published.manifest.id})")
     return published, seconds
+
+
+def _record_failure(runs: RunStore, run_id: str, name: str, error: BaseException) -> None:
+    """Mark the stage (and the run) failed in the record, with the error's one-line message."""
+    record = runs.load(run_id)
+    record.stages[name].status = "failed"
+    record.stages[name].error = "".join(traceback.format_exception_only(type(error), error)).strip()
+    record.status = "failed"
+    runs.save(record)
 
 
 def update_run_config(root: Path, run_id: str, overrides: list[str]) -> None:
