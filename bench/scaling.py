@@ -2,6 +2,8 @@
 
     python bench/scaling.py --procs 1 2 --sft-steps 20 --grpo-steps 4
 
+`sft-fsdp` is sft again with `run.shard = "fsdp"` (FSDP2) on each process count above 1.
+
 Builds its own inputs in a temporary folder (synthetic problems, a randomly initialised `micro`
 model with a BPE tokenizer, clean cold-start traces), then runs each stage once per process count:
 in this process for 1, through `pipeline.launch.launch_stage` (torchrun) for more. Reported per
@@ -53,9 +55,9 @@ def build_inputs(root: Path, n_train: int, n_test: int) -> dict[str, Path]:
     return {"base": root / "base", "problems": root / "problems", "cold_start": root / "cold_start"}
 
 
-def run_once(stage: str, section: dict, inputs: dict[str, Path], procs: int, work: Path) -> float:
+def run_once(stage: str, section: dict, inputs: dict[str, Path], procs: int, work: Path, shard: str = "none") -> float:
     """Wall seconds of one run of `stage` on `procs` processes."""
-    out, scratch = work / f"{stage}-{procs}", work / f"{stage}-{procs}-work"
+    out, scratch = work / f"{stage}-{procs}-{shard}", work / f"{stage}-{procs}-{shard}-work"
     out.mkdir()
     scratch.mkdir()
     module = stage_module(stage)
@@ -65,7 +67,7 @@ def run_once(stage: str, section: dict, inputs: dict[str, Path], procs: int, wor
         ctx = StageContext(seed=0, run_dir=scratch, log=lambda _: None, progress=lambda it, **_: it)
         module.run(module.Config(**section), inputs, out, ctx)
     else:
-        run = RunSettings(nproc_per_node=procs)
+        run = RunSettings(nproc_per_node=procs, shard=shard)
         launch_stage(stage, {"run": run.model_dump(), stage: section}, None, inputs, out, scratch, run=run,
                      seed=0, device="cpu", dtype="fp32", log=lambda _: None)
     return time.perf_counter() - t0
@@ -88,13 +90,16 @@ def main() -> None:
     result: dict = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "stages": {}}
     with tempfile.TemporaryDirectory(prefix="r1flow-scaling-") as tmp:
         inputs = build_inputs(Path(tmp) / "in", 64, 16)
-        for stage, (section, steps) in sections.items():
+        runs = [(stage, stage, "none", args.procs) for stage in sections]
+        runs.append(("sft-fsdp", "sft", "fsdp", [p for p in args.procs if p > 1]))
+        for label, stage, shard, counts in runs:
+            section, steps = sections[stage]
             per = {}
-            for procs in args.procs:
-                seconds = run_once(stage, section, inputs, procs, Path(tmp))
+            for procs in counts:
+                seconds = run_once(stage, section, inputs, procs, Path(tmp), shard)
                 per[str(procs)] = {"seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 3)}
-                print(f"{stage} x{procs}: {seconds:.1f} s", file=sys.stderr)
-            result["stages"][stage] = {"steps": steps, "procs": per}
+                print(f"{label} x{procs}: {seconds:.1f} s", file=sys.stderr)
+            result["stages"][label] = {"steps": steps, "procs": per}
     print(json.dumps(result))
 
 

@@ -8,18 +8,27 @@ the process group is already initialised. The stage code asks this module three 
 - Split and gather work: `shard(items)` gives this rank its share (round-robin: sorted work stays
   balanced), `gather_shards(mine, n)` puts every rank's results back in single-process order, on
   every rank; `all_reduce_sum` adds numbers across ranks.
-- Train: `wrap_ddp` (DistributedDataParallel, as torchtune / TRL+accelerate do) or `shard_fsdp`
-  (FSDP2's `fully_shard`) around a model; `all_reduce_grads` sums gradients for loops whose ranks
-  may run different numbers of backward passes (GRPO), where DDP's per-backward hooks would hang.
+- Train: `prepare_training` gives the loop a `Trainable`: the model inside a `LossModule` (so
+  every use of the weights, the vocabulary projection the loss functions make outside
+  `model.forward` included, happens inside one forward call), wrapped in DistributedDataParallel
+  (as torchtune / TRL+accelerate do) or, with `shard=True`, a copy sharded by FSDP2's
+  `fully_shard` (parameters, gradients and AdamW moments split across ranks, as torchtune's
+  full-finetune recipes do), with its own optimizer; `Trainable.sync_to` gathers the full weights
+  and moments back into the caller's model and optimizer (for resume states and the final
+  checkpoint, which keep the single-process format). `all_reduce_grads` sums gradients for loops
+  whose ranks may run different numbers of backward passes (GRPO), where DDP's hooks would hang.
 
 Backends: gloo on CPU (what the tests run), NCCL on CUDA (one device per local rank; that path has
 not been run here: no GPU on the development machine).
 """
 from __future__ import annotations
 
+import copy
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,7 +38,8 @@ T = TypeVar("T")
 
 __all__ = ["init_from_env", "shutdown", "active", "rank", "world_size", "is_main", "barrier", "shard",
            "shard_indices", "gather_shards", "all_gather_objects", "all_reduce_sum", "all_reduce_grads",
-           "wrap_ddp", "unwrap", "local_device"]
+           "wrap_ddp", "unwrap", "local_device", "LossModule", "Trainable", "prepare_training", "grad_sync",
+           "is_sharded"]
 
 
 def init_from_env(device: str, timeout_s: float = 1800.0) -> str:
@@ -188,3 +198,150 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: one module per loss call, replicated (DDP) or sharded (FSDP2)
+
+
+class LossModule(nn.Module):
+    """`LossModule(model)(loss_fn, batch)` is `loss_fn(model, batch)` as the forward of one module.
+
+    Loss functions project hidden states onto the vocabulary themselves (`lm.logprobs`, chunked),
+    outside `model.forward`. Under FSDP a weight is only gathered inside a forward call, so the
+    whole loss must be one; DDP and a single process take the same module, so a loop has one path.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> torch.Tensor:
+        return loss_fn(self.model, batch)
+
+
+def as_loss_module(model: nn.Module) -> nn.Module:
+    """A module to call as `module(loss_fn, batch)`: a `LossModule` (sharded or not) or a DDP
+    around one as it is, a bare model inside a new `LossModule`."""
+    if isinstance(model, LossModule) or (isinstance(model, nn.parallel.DistributedDataParallel)
+                                         and isinstance(model.module, LossModule)):
+        return model
+    return LossModule(model)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True for a module FSDP2's `fully_shard` has sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient reduction of the backward passes inside (all but a step's last
+    micro-batch): DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`."""
+    if enabled:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif is_sharded(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@dataclass
+class Trainable:
+    """What a training loop steps: `module(loss_fn, batch)` and `optimizer` over its parameters.
+
+    Replicated (one process or DDP) these share the caller's model and optimizer. Sharded, they
+    are a sharded copy and its own optimizer; `sync_to` writes their full state back.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    # sharded: (caller's parameter, its shard) for every parameter, by name
+    pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.module)
+
+    @torch.no_grad()
+    def sync_to(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Gather the sharded weights and optimizer moments into the caller's `model` and
+        `optimizer` (a collective: every rank calls it; all of them receive the full state)."""
+        if not self.sharded:
+            return
+        for full, part in self.pairs:
+            full.copy_(part.full_tensor())
+            state = self.optimizer.state.get(part)
+            if state:
+                optimizer.state[full] = {k: _gathered(v) for k, v in state.items()}
+        for mine, theirs in zip(optimizer.param_groups, self.optimizer.param_groups):
+            mine.update({k: v for k, v in theirs.items() if k != "params"})
+
+
+def prepare_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, shard: bool = False) -> Trainable:
+    """The `Trainable` for `model` and its `optimizer` on this rank.
+
+    One process: `LossModule(model)` and the same optimizer. Several ranks: DDP around it, or with
+    `shard` a deep copy whose transformer blocks and the rest are each `fully_shard`ed (FSDP2),
+    an optimizer of the same class and groups over the shards, and the optimizer's state so far
+    (a resumed run's moments) cut into the same shards. Gradients are averaged over ranks either
+    way, so a loop that wants the single-process sum scales its loss by `world_size()`.
+    """
+    if not active():
+        return Trainable(LossModule(model), optimizer)
+    if not shard:
+        return Trainable(wrap_ddp(LossModule(model)), optimizer)
+    from torch.distributed.fsdp import fully_shard
+
+    root = LossModule(copy.deepcopy(model))
+    for block in getattr(root.model, "layers", []):  # one all-gather per block, as torchtune shards
+        fully_shard(block)
+    fully_shard(root)
+    shards = dict(root.model.named_parameters())
+    pairs = [(p, shards[n]) for n, p in model.named_parameters()]
+    twin = {id(full): part for full, part in pairs}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [twin[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    sharded_optimizer = type(optimizer)(groups)
+    for full, part in pairs:  # a resumed run: carry its moments over, cut like the parameters
+        state = optimizer.state.get(full)
+        if state:
+            sharded_optimizer.state[part] = {k: _cut_like(v, part) for k, v in state.items()}
+    return Trainable(root, sharded_optimizer, pairs)
+
+
+def _cut_like(value: Any, part: Any) -> Any:
+    """An optimizer state entry for the shard `part` (a DTensor sharded on dim 0, as `fully_shard`
+    leaves it): tensors of the parameter's shape (moments) are cut into this rank's rows, as
+    `torch.chunk` cuts them for FSDP2; anything else (the step count) is copied."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if tuple(value.shape) != tuple(part.shape):
+        return value.clone()
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = part.to_local()
+    if tuple(part.placements) != (Shard(0),):
+        raise NotImplementedError(f"optimizer state for a parameter placed as {part.placements}")
+    pieces = torch.chunk(value, part.device_mesh.size(), dim=0)
+    mine = pieces[rank()] if rank() < len(pieces) else value[:0]
+    if tuple(mine.shape) != tuple(local.shape):
+        raise RuntimeError(f"rank {rank()}: a moment cut to {tuple(mine.shape)}, its parameter shard is {tuple(local.shape)}")
+    return DTensor.from_local(mine.to(local.device, copy=True).contiguous(), part.device_mesh, part.placements,
+                              run_check=False, shape=part.shape, stride=part.stride())
+
+
+def _gathered(value: Any) -> Any:
+    """An optimizer state entry back in full: a DTensor gathered from every rank, a tensor copied."""
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor()
+    return value.clone() if isinstance(value, torch.Tensor) else value

@@ -47,6 +47,9 @@ class RunSettings(BaseModel):
     nnodes: int = Field(1, ge=1, description="hosts taking part in each model stage")
     node_rank: int = Field(0, ge=0, description="this host's rank among nnodes (0 publishes the artifact)")
     rdzv_endpoint: str | None = Field(None, description="host:port of node 0's rendezvous (several hosts)")
+    # "fsdp": base, sft and distill shard their training copy (weights, gradients, AdamW moments)
+    # over the ranks with FSDP2; the other training stages stay replicated. Not in any cache key.
+    shard: Literal["none", "fsdp"] = Field("none", description="parameter sharding of the next-token training stages")
 
     @model_validator(mode="after")
     def _check_nodes(self) -> "RunSettings":

@@ -53,6 +53,11 @@ class RankFailed(ArtifactError):
         self.user_facing = user_facing
 
 
+# Training stages that keep replicated weights under run.shard = "fsdp" (their own loops: GRPO samples
+# from the policy every step, DPO and on-policy distillation likewise hold full models).
+REPLICATED_TRAINING = ("rl_zero", "rl_reasoning", "dpo")
+
+
 def world_size(run: Any) -> int:
     """Processes a stage runs as: nproc_per_node x nnodes (from the run's `[run]` settings)."""
     return int(run.nproc_per_node) * int(run.nnodes)
@@ -94,6 +99,8 @@ def launch_stage(name: str, config: dict[str, Any], preset: str | None, inputs: 
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, run.nproc_per_node))))
     env["PYTHONUNBUFFERED"] = "1"
     log(f"{name}: launching {world_size(run)} processes: torchrun {' '.join(torchrun_args(run))}")
+    if run.shard == "fsdp" and name in REPLICATED_TRAINING:
+        log(f"{name}: run.shard = \"fsdp\" shards base, sft and distill (mode sft); {name} trains replicated weights")
     tail: deque[str] = deque(maxlen=60)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=str(Path(__file__).resolve().parent.parent))
@@ -203,7 +210,7 @@ def _run_rank(spec: dict[str, Any], rank: int) -> dict[str, Any]:
             out.mkdir(parents=True)
         ctx = StageContext(seed=spec["seed"], device=device, dtype=spec["dtype"], run_dir=scratch,
                            log=(lambda msg: print(_LOG_PREFIX + msg, flush=True)) if rank == 0 else (lambda _: None),
-                           progress=lambda iterable, desc="", total=None: iterable)
+                           progress=lambda iterable, desc="", total=None: iterable, shard=cfg.run.shard)
         module = stage_module(name)
         summary = module.run(cfg.stage(name), {k: Path(v) for k, v in spec["inputs"].items()}, out, ctx)
         distributed.barrier()  # no rank leaves (and lets torchrun end the job) before all are done

@@ -195,7 +195,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
     device = resolve_device(cfg.run.device)
     tracker = open_trackers(cfg.run.trackers, runs.path(run_id).parent / "tensorboard" / name)
     ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
-                       run_dir=scratch, log=log, track=tracker.track)
+                       run_dir=scratch, log=log, track=tracker.track, shard=cfg.run.shard)
     if progress is not None:
         ctx.progress = progress
     module = stage_module(name)

@@ -45,6 +45,8 @@ class StageContext:
         log: one-line messages (forwarded to Prefect's logger under orchestration).
         progress: wraps an iterable in a progress bar.
         track: receives each step's scalars (`track(step, {"loss": ...})`) for live trackers.
+        shard: "fsdp" to shard the weights, gradients and optimizer moments of the next-token
+            training loop across ranks (FSDP2); "none" replicates them (DDP). One process: no effect.
     """
 
     seed: int = 0
@@ -54,6 +56,7 @@ class StageContext:
     log: Callable[[str], None] = field(default=_log.info)
     progress: Callable[..., Iterable[Any]] = field(default=_tqdm_progress)
     track: Callable[[int, dict[str, float]], None] = field(default=_no_tracking)
+    shard: str = "none"
 
     def flush_metrics(self, table: Any) -> None:
         """Replace `run_dir/metrics.parquet` with `table` (a pyarrow Table of the rows so far)

@@ -27,7 +27,6 @@ import dataclasses
 import math
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
@@ -414,7 +413,7 @@ class StepStats:
     targets: int  # tokens that carried loss
 
 
-def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
                    loss_fn: LossFn, *, clip: float, autocast: bool, device: str, step: int,
                    weights: Sequence[float] | None = None) -> StepStats:
     """One optimizer step over `batches` (its micro-batches): accumulate, clip, guard, update.
@@ -425,12 +424,14 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches
     short micro-batches up). A NaN/inf loss or gradient norm raises `NonFiniteError` before the
     update, so no bad step reaches the weights or a resume checkpoint.
 
-    Under several ranks (`model` wrapped by `lm.distributed.wrap_ddp`) `batches` are this rank's
-    shares of the step's micro-batches: the target count is summed over ranks and each loss
-    multiplied by the world size, so DDP's gradient average is the single-process gradient (up to
-    float reduction order). `weights` (1 or 0 per micro-batch) zero a placeholder micro-batch that a
-    rank runs only so that every rank takes part in each gradient reduction.
+    `model` is a bare model or a `lm.distributed.Trainable`'s module (DDP or FSDP2 under several
+    ranks). There `batches` are this rank's shares of the step's micro-batches: the target count
+    is summed over ranks and each loss multiplied by the world size, so the ranks' averaged
+    gradient is the single-process gradient (up to float reduction order). `weights` (1 or 0 per
+    micro-batch) zero a placeholder micro-batch that a rank runs only so that every rank takes
+    part in each gradient reduction.
     """
+    module = distributed.as_loss_module(model)
     weights = list(weights) if weights is not None else [1.0] * len(batches)
     n_targets = int(distributed.all_reduce_sum(float(sum(b.n_targets for b, w in zip(batches, weights) if w))))
     if n_targets == 0:
@@ -439,14 +440,14 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for j, (batch, w) in enumerate(zip(batches, weights)):
-        sync = j == len(batches) - 1 or not hasattr(model, "no_sync")
-        with (nullcontext() if sync else model.no_sync()), autocast_context(device, "bf16" if autocast else "fp32"):
-            loss = loss_fn(model, batch.to(device)) * (w * world / n_targets)
+        with distributed.grad_sync(module, j == len(batches) - 1), \
+                autocast_context(device, "bf16" if autocast else "fp32"):
+            loss = module(loss_fn, batch.to(device)) * (w * world / n_targets)
         loss.backward()
         total += float(loss.detach()) / world
     total = distributed.all_reduce_sum(total)
     check_finite("loss", total, step)
-    grad_norm = clip_grad(model, clip)
+    grad_norm = clip_grad(module, clip)
     check_finite("grad_norm", grad_norm, step)
     optimizer.step()
     tokens = int(distributed.all_reduce_sum(float(sum(b.n_tokens for b, w in zip(batches, weights) if w))))
@@ -454,18 +455,23 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, batches
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, batches: Sequence[Batch], *, autocast: bool, device: str) -> float:
+def validation_loss(model: torch.nn.Module, batches: Sequence[Batch], *, autocast: bool, device: str) -> float:
     """Mean loss per target token over `batches` (NaN when there are none); under several ranks
-    each takes every W-th batch and the sums are added."""
+    each takes every W-th batch and the sums are added. `model`: a bare model or a `Trainable`'s
+    module; a sharded one needs every rank in each forward, so a rank out of batches runs a
+    placeholder at weight 0 while the others finish theirs."""
+    module = distributed.unwrap(distributed.as_loss_module(model))  # DDP: its inner LossModule
+    mine = distributed.shard(batches)
+    rounds = -(-len(batches) // distributed.world_size()) if distributed.is_sharded(module) else len(mine)
     total, n = 0.0, 0
-    model = distributed.unwrap(model)
-    was_training = model.training
-    model.eval()
-    for batch in distributed.shard(batches):
+    was_training = module.training
+    module.eval()
+    for i in range(rounds):
+        batch, w = (mine[i], 1) if i < len(mine) else (batches[0], 0)
         with autocast_context(device, "bf16" if autocast else "fp32"):
-            total += float(lm_loss_sum(model, batch.to(device)))
-        n += batch.n_targets
-    model.train(was_training)
+            total += w * float(module(lm_loss_sum, batch.to(device)))
+        n += w * batch.n_targets
+    module.train(was_training)
     total, n = distributed.all_reduce_sum([total, float(n)])
     return total / n if n else float("nan")
 
@@ -588,14 +594,16 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
     `ctx.flush_metrics` every `log_every` steps (live metrics). `data_offset` shifts the batch
     plan (a phase continuing data an earlier phase consumed). The base, sft and distill stages share it, so their resume and logging rules agree.
     """
-    trained = distributed.wrap_ddp(model)  # several ranks: DDP over each step's shared-out micro-batches
+    trainable = distributed.prepare_training(model, optimizer, shard=ctx.shard == "fsdp")
+    if trainable.sharded:
+        ctx.log(f"{label}: weights, gradients and optimizer state sharded over {distributed.world_size()} ranks (FSDP2)")
     for step in ctx.progress(range(start, steps), desc=label, total=steps - start):
         lr = lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=steps, min_ratio=cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        set_lr(trainable.optimizer, lr)
         batches, weights = rank_micro_batches(examples, plan.step(data_offset + step, cfg.grad_accum), pad_id)
         t = time.perf_counter()
-        stats = optimizer_step(trained, optimizer, batches, loss_fn, clip=cfg.clip, autocast=cfg.autocast,
-                               device=device, step=step, weights=weights)
+        stats = optimizer_step(trainable.module, trainable.optimizer, batches, loss_fn, clip=cfg.clip,
+                               autocast=cfg.autocast, device=device, step=step, weights=weights)
         scalars = dict(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm,
                        tokens_per_s=stats.tokens / (time.perf_counter() - t), tokens=stats.tokens)
         metrics.add(step, **scalars)
@@ -603,7 +611,7 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
             ctx.track(step, scalars)
         done = step + 1
         if val_batches and (done == steps or (eval_every is not None and done % eval_every == 0)):
-            val = validation_loss(model, val_batches, autocast=cfg.autocast, device=device)
+            val = validation_loss(trainable.module, val_batches, autocast=cfg.autocast, device=device)
             metrics.add(done, val_loss=val)
             if distributed.is_main():
                 ctx.track(done, {"val_loss": val})
@@ -611,8 +619,11 @@ def train_loop(model: Transformer, optimizer: torch.optim.Optimizer, examples: S
             ctx.log(f"{label}: step {done}/{steps} loss {metrics.tail_mean('loss', cfg.log_every):.4f} lr {lr:.2e}")
             if distributed.is_main():
                 ctx.flush_metrics(metrics.table())
-        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps) and distributed.is_main():
-            save_resume(state_dir, model, optimizer, done, metrics)  # ranks hold equal weights: rank 0 saves
+        if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            trainable.sync_to(model, optimizer)  # sharded: gather the full state (every rank takes part)
+            if distributed.is_main():
+                save_resume(state_dir, model, optimizer, done, metrics)  # ranks hold equal weights: rank 0 saves
+    trainable.sync_to(model, optimizer)  # the caller's model leaves with the trained weights
     return metrics
 
 

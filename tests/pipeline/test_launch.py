@@ -34,13 +34,15 @@ def in_process(stage: str, section: dict, inputs: dict[str, Path], tmp: Path) ->
     return out, summary
 
 
-def two_procs(stage: str, section: dict, inputs: dict[str, Path], tmp: Path, **kw) -> tuple[Path, dict]:
-    out, scratch = tmp / f"{stage}-2proc", tmp / f"{stage}-2proc-work"
+def two_procs(stage: str, section: dict, inputs: dict[str, Path], tmp: Path, run: RunSettings = TWO,
+              **kw) -> tuple[Path, dict]:
+    tag = "2proc" if run.shard == "none" else f"2proc-{run.shard}"
+    out, scratch = tmp / f"{stage}-{tag}", tmp / f"{stage}-{tag}-work"
     out.mkdir()
     scratch.mkdir()
-    summary = launch.launch_stage(stage, {"run": TWO.model_dump(), stage: section}, None, inputs, out, scratch,
-                                  run=TWO, seed=0, device="cpu", dtype="fp32", log=lambda _: None,
-                                  timeout_s=240, **kw)
+    kw.setdefault("log", lambda _: None)
+    summary = launch.launch_stage(stage, {"run": run.model_dump(), stage: section}, None, inputs, out, scratch,
+                                  run=run, seed=0, device="cpu", dtype="fp32", timeout_s=240, **kw)
     return out, summary
 
 
@@ -70,13 +72,33 @@ def test_sft_on_two_processes_matches_one(tmp_path, base_dir):
     assert not list((tmp_path / "sft-2proc-work").glob("launch-*/rank-1-out"))  # rank 1's files are gone
 
 
-def test_distill_with_token_level_kd_on_two_processes_matches_one(tmp_path, inputs):
-    """The student's loss calls the teacher and `student.logits` outside the DDP forward."""
+def test_sft_sharded_by_fsdp_on_two_processes_matches_one(tmp_path, base_dir):
+    """run.shard = "fsdp": FSDP2 shards the training copy; the losses, the resume state and the
+    published checkpoint (gathered back to full tensors) are the single-process ones."""
+    from lm.checkpoint import read_safetensors
+
+    cold = write_cold_start(tmp_path / "cold", 18)
+    inputs = {"base": base_dir, "cold_start": cold}
+    one, s1 = in_process("sft", SFT, inputs, tmp_path)
+    lines: list[str] = []
+    two, s2 = two_procs("sft", SFT, inputs, tmp_path, run=RunSettings(nproc_per_node=2, shard="fsdp"), log=lines.append)
+    assert any("sharded over 2 ranks (FSDP2)" in line for line in lines), lines
+    assert close(losses(one), losses(two), 1e-4), (losses(one), losses(two))
+    assert close(losses(one, "val_loss"), losses(two, "val_loss"), 1e-4)
+    assert losses(one, "tokens") == losses(two, "tokens")
+    w1, w2 = (read_safetensors(d / "checkpoint" / "model.safetensors") for d in (one, two))
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.parametrize("shard", ["none", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_distill_with_token_level_kd_on_two_processes_matches_one(tmp_path, inputs, shard):
+    """The student's loss calls the teacher and `student.logits` (inside the `LossModule`'s forward)."""
     section = {"students": [{"name": "micro"}], "steps": 4, "pretrain_steps": 0, "batch_size": 5, "seq_len": 128,
                "autocast": False, "val_fraction": 0.25, "val_max": 4, "baseline": False, "kd_weight": 0.5,
                "checkpoint_every": 2, "log_every": 2}
     one, s1 = in_process("distill", section, inputs, tmp_path)
-    two, s2 = two_procs("distill", section, inputs, tmp_path)
+    two, s2 = two_procs("distill", section, inputs, tmp_path, run=RunSettings(nproc_per_node=2, shard=shard))
     assert len(losses(one)) == 4 and close(losses(one), losses(two), 1e-4), (losses(one), losses(two))
     assert close(losses(one, "val_loss"), losses(two, "val_loss"), 1e-4)
 
@@ -201,14 +223,14 @@ def stage_in_a_run(root: Path, stage: str, raw: dict, upstream: dict[str, Path])
 
 
 def kill_rank1_then_resume(tmp_path: Path, rank1_fails, stage: str, section: dict, upstream: dict[str, Path],
-                           flag: str, resumed_line: str) -> Path:
+                           flag: str, resumed_line: str, shard: str = "none") -> Path:
     """Run `stage` on 2 processes, SIGKILL rank 1 once `flag` (in the scratch dir) exists, check the
     failure, rerun; returns the published artifact of the rerun."""
     from artifacts import ArtifactStore, RunStore
     from pipeline.runner import StageError, execute_stage
 
     root = tmp_path / "root"
-    raw = {"run": {"device": "cpu", "dtype": "fp32", "nproc_per_node": 2}, stage: section}
+    raw = {"run": {"device": "cpu", "dtype": "fp32", "nproc_per_node": 2, "shard": shard}, stage: section}
     cfg, scratch = stage_in_a_run(root, stage, raw, upstream)
     rank1_fails(scratch / flag, "kill")
     with pytest.raises((StageError, launch.RankFailed), match=r"rank 1 of 2 died \(killed by signal 9\)"):
@@ -226,11 +248,13 @@ def kill_rank1_then_resume(tmp_path: Path, rank1_fails, stage: str, section: dic
 
 
 @pytest.mark.slow  # three launches, ~80 s on the shared 2-core machine
-def test_a_killed_sft_rank_fails_the_stage_publishes_nothing_and_a_rerun_resumes(tmp_path, base_dir, rank1_fails):
+@pytest.mark.parametrize("shard", ["none", "fsdp"])  # fsdp: the moments go back into the sharded copy
+def test_a_killed_sft_rank_fails_the_stage_publishes_nothing_and_a_rerun_resumes(tmp_path, base_dir, rank1_fails,
+                                                                                 shard):
     cold = write_cold_start(tmp_path / "cold", 18)
     section = SFT | {"max_steps": 6, "checkpoint_every": 1}
     out = kill_rank1_then_resume(tmp_path, rank1_fails, "sft", section, {"base": base_dir, "cold_start": cold},
-                                 "sft/LATEST", "sft: resuming at step")
+                                 "sft/LATEST", "sft: resuming at step", shard=shard)
     one, _ = in_process("sft", section, {"base": base_dir, "cold_start": cold}, tmp_path)
     assert close(losses(one), losses(out), 1e-4)  # resumed = uninterrupted, as in one process
 
@@ -317,6 +341,6 @@ def test_torchrun_options_follow_the_run_settings():
     multi = launch.torchrun_args(RunSettings(nproc_per_node=2, nnodes=2, node_rank=1, rdzv_endpoint="h0:29400"))
     assert multi[multi.index("--rdzv_endpoint") + 1] == "h0:29400" and multi[multi.index("--node_rank") + 1] == "1"
     for bad, message in (({"nnodes": 2}, "needs rdzv_endpoint"), ({"node_rank": 1}, "must be below nnodes"),
-                         ({"rdzv_endpoint": "nohost"}, "host:port")):
+                         ({"rdzv_endpoint": "nohost"}, "host:port"), ({"shard": "zero3"}, "'none' or 'fsdp'")):
         with pytest.raises(ValueError, match=message):
             RunSettings(**bad)
