@@ -10,7 +10,10 @@ temperature-softened next-token distribution, which needs the teacher's vocabula
 
 Students (`students`, each a `StudentSpec`) start from scratch, an lm preset with the teacher's
 tokenizer and vocabulary, or from a checkpoint (`init`) with that checkpoint's own tokenizer
-(sequence-level distillation works across vocabularies; token-level KD does not and says so).
+(sequence-level distillation works across vocabularies; token-level KD does not and says so), or
+from the teacher itself with some blocks dropped (`init = "teacher"`, `keep_layers = [0, 2, ...]`):
+depth pruning then distillation, as Minitron (Muralidharan et al. 2024) compresses a pretrained
+model, for when no smaller pretrained model of the teacher's family is at hand.
 
 With `baseline = true` each student architecture is also trained from the same starting weights,
 for the same number of optimizer steps and batch size, on the base pretraining corpus alone
@@ -40,6 +43,7 @@ Each training resumes from its own folder of `ctx.run_dir`; a finished one is no
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import zlib
@@ -74,14 +78,23 @@ SCHEMAS: dict[str, pa.Schema] = {"metrics.parquet": METRICS_SCHEMA}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+TEACHER = "teacher"  # StudentSpec.init: a depth-pruned copy of the teacher
+
+
 class StudentSpec(BaseModel):
-    """One student: its name (the output folder), its lm preset, and an optional starting checkpoint."""
+    """One student: its name (the output folder), its lm preset, and an optional starting point:
+    a checkpoint directory, or `init = "teacher"` with `keep_layers` (the teacher with only those
+    transformer blocks, initialised from the teacher's weights: depth pruning as in Minitron,
+    Muralidharan et al. 2024, before distillation)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     model: str | None = Field(None, description="lm MODEL_PRESETS name; defaults to `name`")
-    init: str | None = Field(None, description="checkpoint directory to start from instead of scratch")
+    init: str | None = Field(None, description="checkpoint directory to start from instead of scratch, "
+                                               "or \"teacher\" (with keep_layers)")
+    keep_layers: list[int] | None = Field(None, description="init = \"teacher\": the teacher's blocks the "
+                                                            "student keeps, e.g. every other one [0, 2, 4, ...]")
 
     @field_validator("name")
     @classmethod
@@ -92,6 +105,14 @@ class StudentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _preset(self) -> "StudentSpec":
+        if (self.init == TEACHER) != (self.keep_layers is not None):
+            raise ValueError(f"student {self.name!r}: keep_layers goes with init = \"teacher\" (a pruned copy of "
+                             "the teacher), and init = \"teacher\" needs keep_layers")
+        if self.keep_layers is not None:
+            keep = self.keep_layers
+            if not keep or any(i < 0 for i in keep) or keep != sorted(set(keep)):
+                raise ValueError(f"student {self.name!r}: keep_layers must be distinct block indices >= 0 in "
+                                 f"increasing order, got {keep}")
         if self.model is None:
             self.model = self.name
         if self.init is None and self.model not in MODEL_PRESETS:
@@ -207,6 +228,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
             metrics = _train(spec.name, student, tok, train, val_batches, loss_fn, seed, cfg.steps, cfg, ctx)
         save_checkpoint(out / "students" / spec.name, student.eval(), tok,
                         {"stage": "distill", "role": "student", "model": spec.model, "init": spec.init,
+                         "keep_layers": spec.keep_layers,
                          "template": cfg.template, "kd_weight": cfg.kd_weight, "pretrain_steps": cfg.pretrain_steps,
                          "steps": cfg.steps, "mode": cfg.mode})
         tables.append(metrics.table(student=spec.name))
@@ -221,6 +243,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
                              data_offset=cfg.pretrain_steps)
             save_checkpoint(out / "baselines" / spec.name, baseline.eval(), tok,
                             {"stage": "distill", "role": "baseline", "model": spec.model, "init": spec.init,
+                             "keep_layers": spec.keep_layers,
                              "pretrain_steps": cfg.pretrain_steps, "steps": cfg.steps, "data": "corpus.parquet"})
             tables.append(metrics.table(student=name))
             summary.update(_headline(name, baseline, metrics, teacher))
@@ -342,11 +365,35 @@ def _train_on_policy(name: str, student: Transformer, teacher: Transformer, tok:
 
 def _init_student(spec: StudentSpec, teacher: Transformer, teacher_tok: Tokenizer, device: str,
                   seed: int) -> tuple[Transformer, Tokenizer]:
-    """A scratch student (preset shape, the teacher's vocabulary) or the `init` checkpoint."""
+    """A scratch student (preset shape, the teacher's vocabulary), the `init` checkpoint, or the
+    teacher pruned to `keep_layers`."""
+    if spec.init == TEACHER:
+        return prune_layers(teacher, spec.keep_layers or []).to(device), teacher_tok
     if spec.init is None:
         return new_model(spec.model, teacher.config.vocab_size, seed).to(device), teacher_tok
     model, tok, _ = load_checkpoint(spec.init, device=device, dtype="fp32")
     return model, tok if tok is not None else teacher_tok
+
+
+def prune_layers(model: Transformer, keep: list[int]) -> Transformer:
+    """A copy of `model` with only the transformer blocks `keep` (in that order), every weight
+    taken from `model`: embeddings, final norm and head as they are, kept block i's weights from
+    block keep[i]. Depth pruning keeps the width, so the student shares the teacher's vocabulary
+    (token-level KD works) and starts from what the teacher knows rather than from noise."""
+    n = model.config.n_layers
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"keep_layers {bad} out of range: the teacher has {n} blocks (0..{n - 1})")
+    student = Transformer(dataclasses.replace(model.config, n_layers=len(keep)))
+    source = model.state_dict()
+    weights = {}
+    for name in student.state_dict():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            parts[1] = str(keep[int(parts[1])])
+        weights[name] = source[".".join(parts)].detach().clone()
+    student.load_state_dict(weights)
+    return student.to(next(model.parameters()).dtype)
 
 
 def _read_corpus(path: Path, cfg: Config, ctx: StageContext) -> list[str] | None:

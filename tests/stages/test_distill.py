@@ -318,3 +318,41 @@ def test_a_student_not_smaller_than_the_teacher_is_warned_about(tmp_path, inputs
     run_distill(tmp_path, inputs, ctx=ctx, steps=1, baseline=False,
                 students=[{"name": "same", "init": str(inputs["rl_reasoning"] / "checkpoint")}])
     assert any("warning: student 'same'" in m and "not fewer than the teacher" in m for m in logs)
+
+
+# ------------------------------------------------------------------------------- pruned teacher
+
+
+def test_a_pruned_teacher_keeps_the_chosen_blocks_with_the_teachers_weights():
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=50, **TEACHER))
+    student = stage.prune_layers(teacher, [0, 2])
+    assert student.config.n_layers == 2 and student.config.dim == teacher.config.dim
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["tok_embeddings.weight"], t["tok_embeddings.weight"])
+    assert torch.equal(s["layers.1.attention.wq.weight"], t["layers.2.attention.wq.weight"])
+    assert torch.equal(s["layers.0.feed_forward.w2.weight"], t["layers.0.feed_forward.w2.weight"])
+    ids = torch.randint(0, 50, (1, 6))
+    assert torch.allclose(stage.prune_layers(teacher, [0, 1, 2, 3])(ids), teacher(ids))  # all kept: the teacher
+    with pytest.raises(ValueError, match=r"keep_layers \[4\] out of range: the teacher has 4 blocks"):
+        stage.prune_layers(teacher, [0, 4])
+
+
+def test_teacher_init_students_are_validated():
+    spec = stage.StudentSpec(name="half", init="teacher", keep_layers=[0, 2])
+    assert spec.keep_layers == [0, 2]
+    for bad, message in (({"init": "teacher"}, "needs keep_layers"), ({"model": "micro", "keep_layers": [0]}, "goes with"),
+                         ({"init": "teacher", "keep_layers": [2, 0]}, "increasing"),
+                         ({"init": "teacher", "keep_layers": []}, "increasing")):
+        with pytest.raises(pydantic.ValidationError, match=message):
+            stage.StudentSpec(name="half", **bad)
+
+
+def test_a_teacher_init_student_starts_from_the_teacher_and_trains(tmp_path, inputs):
+    out, summary = run_distill(tmp_path, inputs, students=[{"name": "half", "init": "teacher", "keep_layers": [0, 2]}],
+                               baseline=True)
+    assert summary["half.params"] < summary["teacher_params"]
+    student, _, meta = load_checkpoint(out / "students" / "half")
+    assert student.config.n_layers == 2 and meta["keep_layers"] == [0, 2]
+    baseline, _, _ = load_checkpoint(out / "baselines" / "half")  # the control starts from the same pruned teacher
+    assert baseline.config.n_layers == 2
