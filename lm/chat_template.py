@@ -28,8 +28,18 @@ TEMPLATES: dict[str, str] = {
     "r1_zero_short": "User: {question}\nAssistant:",
 }
 
-# Every name `Tokenizer.render_prompt` accepts: the plain templates, and "chat" (the model's own).
-TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat")
+# Every name `Tokenizer.render_prompt` accepts: the plain templates, "chat" (the model's own) and
+# "chat_think" (the model's own, the assistant's turn opened with "<think>": R1-Zero's template ends
+# with the assistant's turn, and prefilling the tag is how small instruct models are put on the
+# format's path; the rewards see the prompt and count the tag as written).
+TEMPLATE_NAMES: tuple[str, ...] = (*TEMPLATES, "chat", "chat_think")
+THINK_PREFILL = "<think>\n"
+
+
+def prefills_think(template: str | None) -> bool:
+    """True when prompts rendered with `template` end inside an opened `<think>` block, so a
+    completion starts in the think body (the format check adds the tag it did not write)."""
+    return template == "chat_think"
 
 
 def known_template(name: str) -> str:
@@ -145,6 +155,6 @@ def r1_conversation(question: str | Sequence[Message], template: str) -> list[di
         messages = [{"role": "user", "content": question.strip()}]
     else:
         messages = [{"role": m["role"], "content": m["content"]} for m in question]
-    if template in ("r1_zero", "chat") and (not messages or messages[0]["role"] != "system"):
+    if template in ("r1_zero", "chat", "chat_think") and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": r1_system_prompt()}, *messages]
     return messages

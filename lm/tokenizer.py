@@ -38,7 +38,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from lm.chat_template import TEMPLATE_NAMES, TEMPLATES, render_r1_chat  # noqa: F401  (TEMPLATE_NAMES: public here too)
+from lm.chat_template import TEMPLATE_NAMES, TEMPLATES, THINK_PREFILL, render_r1_chat  # noqa: F401  (TEMPLATE_NAMES: public here too)
 
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -154,7 +154,8 @@ class Tokenizer:
         """The prompt for `question` under a named template; the completion follows it.
 
         `"chat"` wraps R1-Zero's instruction and the question in the model's own chat template (for
-        instruct-tuned models such as SmolLM2-Instruct); the others end with "Assistant:".
+        instruct-tuned models such as SmolLM2-Instruct), `"chat_think"` the same with the assistant's
+        turn opened by `<think>`; the others end with "Assistant:".
 
         `question` may be chat messages (a verl or TRL conversational prompt). Under `"chat"` they
         are rendered as they are (R1-Zero's instruction added as the system turn when they have
@@ -162,10 +163,11 @@ class Tokenizer:
         come first, one `Role: content` line each (`System: ...`, `User: ...`, `Assistant: ...`).
         """
         messages = None if isinstance(question, str) else [dict(m) for m in question]
-        if template == "chat":
+        if template in ("chat", "chat_think"):
             if not self.chat_template:
-                raise KeyError("template 'chat' needs a tokenizer with its own chat template; this one has none")
-            return render_r1_chat(self.chat_template, question if messages is None else messages)
+                raise KeyError(f"template {template!r} needs a tokenizer with its own chat template; this one has none")
+            text = render_r1_chat(self.chat_template, question if messages is None else messages)
+            return text + THINK_PREFILL if template == "chat_think" else text
         if template not in TEMPLATES:
             raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
         if messages is None:

@@ -26,6 +26,7 @@ counts candidates dropped per reason; the counts add up: candidates = kept + sum
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -243,7 +244,7 @@ def readable(completion: str) -> str | None:
     return f" <think> {reasoning} </think> <answer> {answer} </answer>"
 
 
-def _rewrite(rows: list[dict[str, Any]]) -> tuple[int, int]:
+def _rewrite(rows: list[dict[str, Any]], think_prefilled: bool = False) -> tuple[int, int]:
     """Rewrite kept rows in place when the readable form still passes accuracy and format.
     Returns (rewritten, rewrite_rejected)."""
     todo = [(r, readable(r["completion"])) for r in rows]
@@ -251,7 +252,7 @@ def _rewrite(rows: list[dict[str, Any]]) -> tuple[int, int]:
     if not todo:
         return 0, 0
     texts = [new for _, new in todo]
-    fmt = format_reward(texts)
+    fmt = format_reward(texts, think_prefilled=think_prefilled)
     acc = accuracy_reward(texts, answer=[r["answer"] for r, _ in todo])
     done = 0
     for (r, new), f, a in zip(todo, fmt, acc):
@@ -279,7 +280,9 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     empty = 0
     if cfg.source == "file":
         rows, n_prompts, empty = _file_rows(cfg, inputs)
-        params = cfg.filter_params() if cfg.filter_file else filters.FilterParams(checks=())
+        # a user's rows are whole completions whatever the template: none starts inside <think>
+        params = (dataclasses.replace(cfg.filter_params(), think_prefilled=False) if cfg.filter_file
+                  else filters.FilterParams(checks=()))
     else:
         rows, n_prompts = sample_train_rows(cfg, inputs["rl_zero"], inputs["problems"], ctx, sampler_factory,
                                             stage="cold_start", origin="rl_zero")
@@ -288,7 +291,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
     write_table(pa.Table.from_pylist(rows, schema=filters.CANDIDATES_SCHEMA), out / "candidates.parquet", filters.CANDIDATES_SCHEMA)
 
     kept = [dict(r, rewritten=False, original_completion=None) for r in kept]
-    rewritten, rewrite_rejected = _rewrite(kept) if cfg.rewrite == "readable" else (0, 0)
+    rewritten, rewrite_rejected = _rewrite(kept, params.think_prefilled) if cfg.rewrite == "readable" else (0, 0)
     trl_rows = [conversational(r, cfg.template, ("completion",)) for r in kept]
     write_table(pa.Table.from_pylist(trl_rows, schema=COLD_START_SCHEMA), out / "cold_start.parquet", COLD_START_SCHEMA)
 

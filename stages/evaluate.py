@@ -54,6 +54,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from artifacts.store import write_table
+from lm.chat_template import prefills_think
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 from rewards.extract import answer_region, canonical, final_answer_candidates
 from rewards.numbers import parse_plain_number
@@ -181,12 +182,14 @@ def answer_key(completion: str) -> str | None:
     return key or None
 
 
-def grade(completions: list[str], problems: list[Problem], language_min_words: int = 1) -> dict[str, list]:
-    """Per-completion correctness, format, language mix and answer key, via the rewards package."""
+def grade(completions: list[str], problems: list[Problem], language_min_words: int = 1,
+          think_prefilled: bool = False) -> dict[str, list]:
+    """Per-completion correctness, format, language mix and answer key, via the rewards package
+    (`think_prefilled`: the prompts opened `<think>`, template "chat_think")."""
     answers = [p.answer for p in problems]
     languages = [p.language for p in problems]
     acc = accuracy_reward(completions, answer=answers)
-    fmt = format_reward(completions)
+    fmt = format_reward(completions, think_prefilled=think_prefilled)
     lang = language_consistency_reward(completions, language=languages, min_words=language_min_words)
     return {
         "correct": [a is not None and a >= 1.0 for a in acc],
@@ -283,7 +286,8 @@ def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx:
                                      seed=seed, progress=ctx.progress,
                                      desc=f"evaluate {ref.name}{' greedy' if is_greedy else ''}")
         flat = [(p, c) for p, per in zip(problems, samples) for c in per]
-        graded = grade([c.text for _, c in flat], [p for p, _ in flat], cfg.language_min_words)
+        graded = grade([c.text for _, c in flat], [p for p, _ in flat], cfg.language_min_words,
+                       prefills_think(cfg.template))
         graded["orm_score"] = (scorer.probabilities([p.question for p, _ in flat], [c.text for _, c in flat])
                                if scorer is not None else [None] * len(flat))
         for i, (p, c) in enumerate(flat):

@@ -39,6 +39,7 @@ import pyarrow as pa
 import regex
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lm.chat_template import prefills_think
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 
 CHECKS: tuple[str, ...] = ("correct", "format", "length", "language", "repetition", "paragraph",
@@ -209,6 +210,7 @@ class FilterParams:
     dedupe_threshold: float = 0.9
     loop_min_repeats: int = 3
     loop_min_span_words: int = 15
+    think_prefilled: bool = False  # the prompts opened <think> (template "chat_think"): the format check adds it
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.checks if c not in CHECKS]
@@ -253,7 +255,7 @@ def judge(candidates: Sequence[Candidate], params: FilterParams) -> list[Judgeme
     """
     texts = [c.completion for c in candidates]
     accuracy = _batched(accuracy_reward, candidates, "answer") if "correct" in params.checks else [None] * len(texts)
-    fmt = format_reward(texts) if "format" in params.checks else [None] * len(texts)
+    fmt = format_reward(texts, think_prefilled=params.think_prefilled) if "format" in params.checks else [None] * len(texts)
     lang = (_batched(language_consistency_reward, candidates, "language", min_words=params.language_min_words)
             if "language" in params.checks else [None] * len(texts))
     judgements = []
@@ -389,7 +391,7 @@ class FilterSettings(BaseModel):
             checks=tuple(self.checks), keep_per_prompt=self.keep_per_prompt,
             min_language_consistency=self.min_language_consistency, language_min_words=self.language_min_words,
             min_tokens=self.min_tokens, max_tokens=self.max_tokens, max_paragraph_chars=self.max_paragraph_chars,
-            dedupe_threshold=self.dedupe_threshold)
+            dedupe_threshold=self.dedupe_threshold, think_prefilled=prefills_think(getattr(self, "template", None)))
 
 
 def judge_rows(rows: list[dict[str, Any]], params: FilterParams, stage: str) -> tuple[list[dict[str, Any]], dict[str, int]]:

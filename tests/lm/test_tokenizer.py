@@ -147,3 +147,18 @@ def test_chat_template_name_needs_a_chat_template():
 
     with pytest.raises(KeyError, match="has none"):
         Tokenizer.from_tiktoken("cl100k_base").render_prompt("q", "chat")
+
+
+def test_chat_think_opens_the_assistants_think_block(tokenizer):
+    import copy
+
+    from lm.chat_template import THINK_PREFILL, prefills_think
+    from tests.lm.test_chat_template import SMOLLM2
+
+    chat_model = copy.copy(tokenizer)
+    chat_model.chat_template = SMOLLM2
+    chat, think = chat_model.render_prompt("What is 2+2?", "chat"), chat_model.render_prompt("What is 2+2?", "chat_think")
+    assert think == chat + THINK_PREFILL and chat.endswith("<|im_start|>assistant\n")
+    assert prefills_think("chat_think") and not prefills_think("chat") and not prefills_think(None)
+    with pytest.raises(KeyError, match="'chat_think' needs a tokenizer with its own chat template"):
+        tokenizer.render_prompt("q", "chat_think")

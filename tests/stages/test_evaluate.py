@@ -266,3 +266,11 @@ def test_language_mix_counts_short_mixed_traces() -> None:
     graded = evaluate.grade([short_mix, R1, " <think> 1+1=2 </think> <answer> 2 </answer>"], problems)
     assert graded["language_mixed"] == [True, False, False]  # pure arithmetic has nothing to judge
     assert evaluate.grade([short_mix], problems[:1], language_min_words=5)["language_mixed"] == [False]
+
+
+def test_a_prefilled_think_counts_toward_the_format_rate() -> None:
+    problems = [evaluate.Problem("t1", T1, "2", "en")]
+    inside = " 1+1=2 </think> <answer> 2 </answer>"  # what a model writes after a "chat_think" prompt
+    assert evaluate.grade([inside], problems)["format_ok"] == [False]
+    graded = evaluate.grade([inside], problems, think_prefilled=True)
+    assert graded["format_ok"] == [True] and graded["correct"] == [True]

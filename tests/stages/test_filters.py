@@ -175,3 +175,17 @@ def test_both_filtering_stages_take_the_chain_settings_from_one_place() -> None:
     assert rejection_sampling.Config().checks == list(CHECKS)  # every check on
     assert "paragraph" not in cold_start.Config().checks       # cold_start's narrower default
     assert cold_start.Config(min_tokens=3).filter_params().min_tokens == 3
+
+
+def test_under_a_prefilled_think_template_the_format_check_counts_the_prompts_tag() -> None:
+    """"chat_think" prompts end with <think>: the completion starts inside the block."""
+    from stages import rejection_sampling
+
+    body = " 9+3=12 carry 1: 2. 7+3+1=11 carry 1: 12. so 712. </think> <answer> 712 </answer>"
+    cands = [_cand("p", body, answer="712"), _cand("q", CLEAN, answer="712")]
+    plain = judge(cands, FilterParams(checks=("format",)))
+    assert [j.format_score for j in plain] == [0.0, 1.0]
+    params = rejection_sampling.Config(template="chat_think", checks=["format"]).filter_params()
+    assert params.think_prefilled and not rejection_sampling.Config(template="chat").filter_params().think_prefilled
+    prefilled = judge(cands, params)
+    assert [j.format_score for j in prefilled] == [1.0, 0.0]  # a second <think> after the prefill is a repeated tag
