@@ -14,6 +14,10 @@ time a model stage runs there on that device: `r1flow-device-cpu` on a CPU host)
 never train on one device at once; raise the limit afterwards with
 `prefect gcl update r1flow-device-<device> --limit N`. Flow runs are named by the r1flow run id and
 tagged `preset:<name>`; UI artifacts are keyed per run (`<run>-<stage>-summary`).
+
+A stage the run places on a Prefect work pool (`run.work_pools`) runs as a flow run of the
+deployment `r1flow_placed_stage/<pool>` (`placed_stage_flow`, executed by that pool's worker), the
+flow waiting on it; `pipeline/pools.py` holds the rest (registration, the shared-root handshake).
 """
 from __future__ import annotations
 

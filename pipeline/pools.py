@@ -8,11 +8,12 @@ waits; the other stages run in its own process, as without `work_pools`. Stages 
 artifacts through the artifact root, so that root must be one shared filesystem (NFS, ...) mounted
 at the same path on the driver and on every worker host.
 
-Registration: `r1flow run` / `r1flow stage` register (upsert) the deployment of each pool they
-place a stage on, with a module-path entrypoint (`pipeline.flows.placed_stage_flow`), as
-`r1flow schedule` does for distill. A `process` worker therefore runs the r1flow installed (or on
-`PYTHONPATH`) on its own host; no image or code upload is involved. The worker's code must be the
-driver's: the placed flow compares its `code_version()` (part of every cache key) with the driver's.
+Registration: placing a stage (from `r1flow run`, `r1flow stage`, a scheduled distill, or a flow
+called from Python) creates or updates the deployment of its pool, with a module-path entrypoint
+(`pipeline.flows.placed_stage_flow`), as `r1flow schedule` does for distill; nothing to deploy by
+hand. A `process` worker therefore runs the r1flow installed (or on `PYTHONPATH`) on its own host;
+no image or code upload is involved. The worker's code must be the driver's: the placed flow
+compares its `code_version()` (part of every cache key) with the driver's.
 
 Handshake. Before starting the flow run the driver writes `<root>/runs/<run>/placed/<stage>.json`
 holding a fresh token; the worker's flow first checks that it reads that file with that token, and
