@@ -1,7 +1,8 @@
 """`r1flow run` and `r1flow stage`: validate first, then hand the work to the Prefect flows.
 
 Without `PREFECT_API_URL` Prefect runs in its local ephemeral mode (nothing to start); with it set,
-runs are recorded on that server and show in its UI.
+runs are recorded on that server and show in its UI. A run that places stages on work pools
+(`run.work_pools`) needs the server and its pools, checked before anything is recorded.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Iterator
 
 from artifacts import RunStore
 from pipeline.config import STAGES, ConfigError, apply_overrides, load_config, validate
+from pipeline.pools import check_pools
 from pipeline.runner import run_owner_lock, update_run_config
 from pipeline.runs_view import run_summary
 
@@ -71,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages, reuse_only = stage_span(getattr(args, "from_stage", None), getattr(args, "until_stage", None))
     root = Path(args.root)
     check_new_run_id(root, args.run_id, args.overwrite)
+    check_pools(cfg.run)  # run.work_pools: a server and the pools, before any record or work
     record = RunStore(root).create(cfg.to_dict(), STAGES, preset=args.preset, run_id=args.run_id)
     human = sys.stderr if args.json else sys.stdout  # with --json, stdout is one JSON document
     print(f"r1flow run {record.run_id} (preset {args.preset}, root {root})", file=human, flush=True)
@@ -94,6 +97,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     runs = RunStore(root)
     record = runs.load(args.run_id)  # a clear error for an unknown run before Prefect starts
     effective = validate(apply_overrides(record.config, args.overrides), preset=record.preset)
+    check_pools(effective.run)
     with run_owner_lock(root, args.run_id, effective.run):  # ... and for a run another process is building
         if args.overrides:
             update_run_config(root, args.run_id, args.overrides)

@@ -68,6 +68,24 @@ class RunSettings(BaseModel):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return v
 
+    # Stages run as deployments on Prefect work pools (pipeline/pools.py), e.g.
+    # {rl_zero = "gpu", distill = "gpu-small"}; the others run in the flow's own process.
+    # Not part of any cache key (like `device`): where a stage runs does not change its bytes.
+    work_pools: dict[str, str] = Field(
+        default_factory=dict,
+        description="stage -> Prefect work pool that runs it (needs a Prefect server and a shared root)")
+
+    @field_validator("work_pools")
+    @classmethod
+    def _known_placements(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = [s for s in v if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; the stages are: {', '.join(STAGES)}")
+        bad = {s: p for s, p in v.items() if not _POOL.fullmatch(p)}
+        if bad:
+            raise ValueError(f"work pool names {bad}: use letters, digits, '.', '-', '_'")
+        return v
+
     # Live per-step scalars of the training stages; "tensorboard" writes event files under
     # <root>/runs/<run_id>/tensorboard/<stage>. Not part of any cache key.
     trackers: list[str] = []
@@ -84,6 +102,7 @@ class RunSettings(BaseModel):
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
+_POOL = re.compile(r"[\w.-]+")
 
 
 @dataclass

@@ -14,6 +14,10 @@ time a model stage runs there on that device: `r1flow-device-cpu` on a CPU host)
 never train on one device at once; raise the limit afterwards with
 `prefect gcl update r1flow-device-<device> --limit N`. Flow runs are named by the r1flow run id and
 tagged `preset:<name>`; UI artifacts are keyed per run (`<run>-<stage>-summary`).
+
+A stage the run places on a Prefect work pool (`run.work_pools`) runs as a flow run of the
+deployment `r1flow_placed_stage/<pool>` (`placed_stage_flow`, executed by that pool's worker), the
+flow waiting on it; `pipeline/pools.py` holds the rest (registration, the shared-root handshake).
 """
 from __future__ import annotations
 
@@ -166,7 +170,22 @@ def stage_task(name: str, run_id: str, root: str, force: bool = False, reuse_onl
 
 
 def run_stage(name: str, run_id: str, root: str, **options: Any) -> dict[str, Any]:
-    """`stage_task` inside a flow: its result dict (a failed stage raises its exception)."""
+    """One stage inside a flow: its result dict (a failed stage raises its exception).
+
+    A stage the run places on a work pool (`run.work_pools`) runs as a flow run of that pool's
+    deployment, this flow waiting on it (`pipeline.pools`); the others, and stages that are only
+    reused (`reuse_only`, before `run --from`: nothing to compute), run here as `stage_task`.
+    """
+    pool = config_of(run_id, Path(root)).run.work_pools.get(name)
+    if pool is not None and not options.get("reuse_only"):
+        from pipeline.pools import run_placed_stage
+
+        return run_placed_stage(name, pool, run_id, root, force=bool(options.get("force")), log=_logger().info)
+    return _run_here(name, run_id, root, **options)
+
+
+def _run_here(name: str, run_id: str, root: str, **options: Any) -> dict[str, Any]:
+    """`stage_task` in this process: its result dict (a failed stage raises its exception)."""
     return stage_task(name, run_id, root, return_state=True, **options).result()
 
 
@@ -231,6 +250,25 @@ def stage_flow(name: str, run_id: str, root: str, force: bool = False) -> dict:
         result = run_stage(name, run_id, root, force=force)
         if RunStore(Path(root)).load(run_id).status == "stale":
             finish_run(Path(root), run_id, "succeeded")  # stays "stale" while any stage is
+    return result
+
+
+@flow(name="r1flow_placed_stage", flow_run_name="{run_id}-{name}", log_prints=True)
+def placed_stage_flow(name: str, run_id: str, root: str, pool: str, token: str, code: str,
+                      force: bool = False) -> dict:
+    """One stage of a run, executed by a worker of the work pool the run places it on.
+
+    The flow that placed it holds the run's lock and waits (`pipeline.pools.run_placed_stage`), so
+    this one takes no lock. It first checks that this host sees the driver's artifact root (the
+    marker holding `token`) and runs the driver's code version, then runs the stage as a local one
+    (cache, device slot, run record), and leaves its result beside the marker for the driver.
+    """
+    from pipeline import pools
+
+    pools.check_worker_view(Path(root), run_id, name, pool, token)
+    pools.check_code(pool, code)
+    result = _run_here(name, run_id, root, force=force)
+    pools.write_outcome(Path(root), run_id, name, token, result)
     return result
 
 

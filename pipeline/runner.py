@@ -156,7 +156,7 @@ def execute_stage(
             error = NotCached(f"stage {name} has no cached artifact for this config (key {key[:12]}), and stages "
                               f"before --from are only reused, never computed: start earlier (--from {name}) "
                               "or drop --from")
-            _record_failure(runs, run_id, name, error)
+            record_failure(runs, run_id, name, error)
             raise error
         else:
             found, seconds = _produce(name, cfg, key, payload, inputs, hashes, run_id, root, log, progress)
@@ -206,7 +206,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
                                   module.SCHEMAS)
     except BaseException as e:
         tracker.close()
-        _record_failure(runs, run_id, name, e)
+        record_failure(runs, run_id, name, e)
         if isinstance(e, _USER_FACING):
             raise StageError(f"stage {name} failed: {e}") from e
         raise
@@ -217,7 +217,7 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
     return published, seconds
 
 
-def _record_failure(runs: RunStore, run_id: str, name: str, error: BaseException) -> None:
+def record_failure(runs: RunStore, run_id: str, name: str, error: BaseException) -> None:
     """Mark the stage (and the run) failed in the record, with the error's one-line message."""
     record = runs.load(run_id)
     record.stages[name].status = "failed"

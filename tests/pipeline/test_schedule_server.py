@@ -6,67 +6,29 @@ schedule through `r1flow schedule`, triggers a run with `prefect deployment run`
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from artifacts import RunStore, verify
+from tests.pipeline.prefect_server import free_port, server_env, start_server, stop, wait_healthy
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {url} not healthy after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
     root, teacher = micro_copy
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               R1FLOW_CODE_VERSION=os.environ["R1FLOW_CODE_VERSION"])
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = server_env(tmp_path / "prefect-home", api)
+    server = start_server(port, env)
     serve = None
     try:
-        _wait_healthy(api, server, timeout=120)
+        wait_healthy(api, server, timeout=120)
         r1flow = [sys.executable, "-m", "pipeline.cli"]
         sched = subprocess.run(
             [*r1flow, "schedule", "distill", "--teacher", teacher, "--student", "micro", "--cron", "0 3 * * *",
@@ -116,5 +78,5 @@ def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
         assert "r1flow serve: stopped" in out
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(server)
+            stop(serve)
+        stop(server)
