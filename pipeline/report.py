@@ -14,13 +14,17 @@ evaluate's summary.parquet), so the report is regenerated, never hand-edited.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
-from artifacts import ArtifactError, RunRecord, RunStore, verify
+from artifacts import ArtifactError, RunRecord, RunStore, code_version, verify
 from artifacts.store import atomic_write_text
 
 RL_STAGES = ("rl_zero", "rl_reasoning")
@@ -245,6 +249,37 @@ def readable_artifacts(record: RunRecord) -> dict[str, Path]:
     return found
 
 
+def cached_plot(root: Path, out: Path, name: str, sources: list[Any], draw: Callable[[], list[str]]) -> bool:
+    """Put plot `name` into `out`: drawn by `draw` (which returns the names it wrote), or copied from
+    `<root>/reports/plots/` when this code already drew it from the same artifacts (by content
+    hash): a rerun whose stages were all reused writes its report without drawing anything.
+
+    Args:
+        sources: the run-record entries of the stages the plot reads (their `content_hash`).
+    Returns:
+        True when `out/name` exists afterwards.
+    """
+    hashes = [getattr(e, "content_hash", None) for e in sources]
+    cache = Path(root) / "reports" / "plots"
+    key = None
+    if hashes and all(hashes):
+        key = hashlib.sha256(json.dumps([code_version(), name, hashes]).encode()).hexdigest()[:24]
+        hit = cache / f"{key}-{name}"
+        if hit.is_file():
+            shutil.copyfile(hit, out / name)
+            return True
+    drawn = name in draw()
+    if drawn and key is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".{key}-{name}.tmp"
+            shutil.copyfile(out / name, tmp)
+            os.replace(tmp, cache / f"{key}-{name}")
+        except OSError:
+            pass  # a cache: unwritable, the next report draws again
+    return drawn
+
+
 def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
     record = RunStore(root).load(run_id)
     readable_artifacts(record)
@@ -262,18 +297,18 @@ def write_report(root: Path, run_id: str, out: Path | None = None) -> Path:
     for name, e in record.stages.items():
         secs = f"{e.seconds:.1f}" if e.seconds is not None else "–"
         lines.append(f"| {name} | {e.status} | {secs} | `{Path(e.path).name if e.path else '–'}` |")
-    curves = {s: _metrics(Path(record.stages[s].path)) for s in RL_STAGES
-              if s in record.stages and record.stages[s].path}
-    images = _plot_rl(curves, out)
-    if images:
+    rl = [s for s in RL_STAGES if s in record.stages and record.stages[s].path]
+    drawn = cached_plot(root, out, "rl_curves.png", [record.stages[s] for s in rl],
+                        lambda: _plot_rl({s: _metrics(Path(record.stages[s].path)) for s in rl}, out))
+    if drawn:
         lines += ["", "## RL curves", "", "![RL curves](rl_curves.png)"]
     ev = record.stages.get("evaluate")
     if ev is not None and ev.path:
         rows = eval_rows(Path(ev.path))
         lines += ["", "## Evaluation", "", eval_table_markdown(rows)]
-        if _plot_eval(rows, out):
+        if cached_plot(root, out, "eval.png", [ev], lambda: _plot_eval(rows, out)):
             lines += ["", "![evaluation](eval.png)"]
-        if _plot_scaling(Path(ev.path), out):
+        if cached_plot(root, out, "scaling.png", [ev], lambda: _plot_scaling(Path(ev.path), out)):
             lines += ["", "## Inference-time scaling", "",
                       "Accuracy against generated tokens per problem at k = 1, 2, 4, ... samples "
                       "(weighted vote and best-of-k score each sample by its length-normalised log-probability; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -31,6 +32,7 @@ def _fake_run(root) -> None:
         m = store.write(stage, f"{i}" * 64, {}, {}, lambda out, i=i: pq.write_table(
             _metric_rows(1.0 + i), out / "metrics.parquet") or {}, code="v")
         record.stages[stage].status, record.stages[stage].path = "ran", str(store.path_for(stage, m.cache_key))
+        record.stages[stage].content_hash = m.content_hash
     summary = pa.Table.from_pylist([
         {"checkpoint": c, "pass_at_1": p, "maj_at_k": p, "pass_at_k": min(1.0, 2 * p), "k": 4, "format_rate": f,
          "language_mix_rate": 0.0, "mean_length": 40.0, "greedy_accuracy": p, "params": 1_000_000, "problems": 12}
@@ -38,6 +40,7 @@ def _fake_run(root) -> None:
     m = store.write("evaluate", "e" * 64, {}, {}, lambda out: pq.write_table(summary, out / "summary.parquet") or {},
                     code="v")
     record.stages["evaluate"].status, record.stages["evaluate"].path = "ran", str(store.path_for("evaluate", m.cache_key))
+    record.stages["evaluate"].content_hash = m.content_hash
     runs.save(record)
 
 
@@ -54,3 +57,32 @@ def test_rl_curves_are_a_grid_of_the_metrics_practitioners_read(tmp_path):
     assert w / h < 3
     text = report.read_text()
     assert "![RL curves](rl_curves.png)" in text and "![evaluation](eval.png)" in text
+
+
+def test_a_rerun_on_the_same_artifacts_reuses_the_plots_without_drawing(tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline import report as report_module
+
+    _fake_run(tmp_path)
+    first = write_report(tmp_path, "r").parent
+    record = RunStore(tmp_path).load("r")
+    again = RunStore(tmp_path).create({}, STAGES, preset="micro", run_id="r2")  # a cached rerun: the same artifacts
+    again.stages = record.stages
+    RunStore(tmp_path).save(again)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("drew a plot whose inputs have not changed")
+
+    for name in ("_plot_rl", "_plot_eval"):  # (no scaling.parquet here: nothing to draw or cache)
+        monkeypatch.setattr(report_module, name, refuse)
+    second = write_report(tmp_path, "r2").parent
+    for png in ("rl_curves.png", "eval.png"):
+        assert (second / png).read_bytes() == (first / png).read_bytes()
+    assert "![RL curves](rl_curves.png)" in (second / "report.md").read_text()
+
+    again.stages["evaluate"].content_hash = "0" * 64  # another evaluate artifact: its plot is drawn anew
+    RunStore(tmp_path).save(again)
+    shutil.rmtree(second)
+    with pytest.raises(AssertionError, match="drew a plot"):
+        write_report(tmp_path, "r2")
