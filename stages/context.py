@@ -45,6 +45,10 @@ class StageContext:
         log: one-line messages (forwarded to Prefect's logger under orchestration).
         progress: wraps an iterable in a progress bar.
         track: receives each step's scalars (`track(step, {"loss": ...})`) for live trackers.
+        sampler: for the sampling-only stages, a factory (model, tokenizer, batch_size) -> Sampler of
+            an external backend that serves one model whatever checkpoint the stage loads (an
+            OpenAI-compatible server: `stages.sampling.server_sampler`); None = the local torch
+            sampler on the stage's checkpoint. Its settings enter the cache key (`pipeline.runner`).
     """
 
     seed: int = 0
@@ -54,6 +58,7 @@ class StageContext:
     log: Callable[[str], None] = field(default=_log.info)
     progress: Callable[..., Iterable[Any]] = field(default=_tqdm_progress)
     track: Callable[[int, dict[str, float]], None] = field(default=_no_tracking)
+    sampler: Callable[[Any, Any, int], Any] | None = None
 
     def flush_metrics(self, table: Any) -> None:
         """Replace `run_dir/metrics.parquet` with `table` (a pyarrow Table of the rows so far)
