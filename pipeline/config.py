@@ -46,7 +46,8 @@ class SamplerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["torch", "openai"] = "torch"
+    backend: Literal["torch", "openai"] = Field(
+        "torch", description="torch: r1flow's sampler on the stage's checkpoint; openai: a /v1/completions server")
     base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="openai: the model name the server serves (checked at start)")
     concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight at once")
