@@ -7,8 +7,10 @@ llama-cpp-python serve it, the way open-r1 sends its teacher's generations to a 
 How it runs:
 
 - Prompts arrive as r1flow's token ids (already templated); each is decoded back to its text
-  with r1flow's tokenizer (without a leading BOS id: the server adds its own model's BOS) and sent
-  as `prompt`. One request per row with `n = 1` and the row's own `seed` (llama-cpp-python
+  with r1flow's tokenizer and sent as `prompt`. A leading BOS id is dropped only when the
+  tokenizer says its model wants one prepended (`add_bos`: the server's tokenizer adds it); a BOS
+  the chat template wrote (SmolLM2's "<|im_start|>" is its BOS) stays text, which servers parse
+  back into the special token. One request per row with `n = 1` and the row's own `seed` (llama-cpp-python
   ignores `n`; a per-row seed keeps a row's sample independent of the batch around it), sent
   `concurrency` at a time from a thread pool; results come back in row order.
 - Sampling fields: `max_tokens`, `temperature` (0 = greedy), `top_p`, `top_k` only when it is on
@@ -215,8 +217,8 @@ class OpenAISampler:
                      stops: Sequence[str]) -> dict[str, Any]:
         """The JSON body of one completions request."""
         ids = list(prompt_ids)
-        if self.tokenizer.bos_id is not None and ids and ids[0] == self.tokenizer.bos_id:
-            ids = ids[1:]  # the server prepends its own model's BOS
+        if self.tokenizer.add_bos and ids and ids[0] == self.tokenizer.bos_id:
+            ids = ids[1:]  # a model that wants a BOS gets it from the server's tokenizer, not twice
         body: dict[str, Any] = {
             "model": self.settings.model,
             "prompt": self.tokenizer.decode(ids),

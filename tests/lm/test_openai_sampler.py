@@ -56,17 +56,17 @@ def test_request_shape_is_a_completions_call_with_the_templated_prompt_text() ->
     assert g.prompt_ids == prompt_ids()
 
 
-def test_top_k_is_sent_when_on_and_a_leading_bos_is_left_to_the_server() -> None:
+def test_top_k_is_sent_when_on_and_a_leading_bos_is_left_to_a_server_that_adds_one(monkeypatch) -> None:
+    start = TOK.special_tokens["<|im_start|>"]
+    monkeypatch.setattr(TOK, "bos_id", start)  # pretend <|im_start|> were the BOS (as in SmolLM2)
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=5)
     with FakeServer(lambda body: ok("x", "length")) as s:
         sampler = make(s.url)
-        params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=5)
-        bos = TOK.special_tokens["<|im_start|>"]
-        TOK_bos, TOK.bos_id = TOK.bos_id, bos  # pretend <|im_start|> were this tokenizer's BOS
-        try:
-            sampler.generate([[bos, *TOK.encode("hi")]], params, seed=0)
-        finally:
-            TOK.bos_id = TOK_bos
-    assert s.requests[0]["top_k"] == 5 and s.requests[0]["prompt"] == "hi"
+        sampler.generate([[start, *TOK.encode("hi")]], params, seed=0)  # SmolLM2: add_bos False
+        monkeypatch.setattr(TOK, "add_bos", True)  # a model whose tokenizer prepends its BOS
+        sampler.generate([[start, *TOK.encode("hi")]], params, seed=0)
+    assert [r["prompt"] for r in s.requests] == ["<|im_start|>hi", "hi"]
+    assert s.requests[0]["top_k"] == 5
     assert "stop" not in s.requests[0]  # no stop strings, no stop field
 
 

