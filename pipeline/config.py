@@ -33,6 +33,68 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the problem."""
 
 
+SERVER_SAMPLING_STAGES: tuple[str, ...] = ("cold_start", "rejection_sampling", "evaluate")
+"""The stages that only sample (no gradient step): `run.sampler` may send their generation to a
+server. The training stages (GRPO's rollouts, on-policy distillation) sample from the weights they
+are updating, so they always use the local torch sampler."""
+
+
+class SamplerSettings(BaseModel):
+    """Where the sampling-only stages generate (`[run.sampler]`): r1flow's own torch sampler, or an
+    OpenAI-compatible completions server (vLLM, SGLang, llama.cpp) holding the model the user
+    started it on (`lm/openai_sampler.py`, README "Scaling out")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["torch", "openai"] = Field(
+        "torch", description="torch: r1flow's sampler on the stage's checkpoint; openai: a /v1/completions server")
+    base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="openai: the model name the server serves (checked at start)")
+    concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight at once")
+    timeout_s: float = Field(600.0, gt=0, description="openai: per-request timeout in seconds")
+    max_retries: int = Field(5, ge=0, le=20, description="openai: retries on connection errors, timeouts, 5xx, 429")
+    backoff_s: float = Field(1.0, ge=0, le=60, description="openai: first retry's wait (doubles each retry)")
+    logprobs: bool = Field(True, description="openai: ask the server for the sampled tokens' log-probs")
+    server_stops: bool = Field(True, description="openai: send stop strings to the server (false: r1flow cuts)")
+    extra_body: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="openai: further request fields, e.g. llama.cpp's top_k/min_p/repeat_penalty")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding a bearer token")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+            raise ValueError("expected http(s)://host:port/v1")
+        return v.rstrip("/") if v is not None else None
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_core_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(v) & {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stream",
+                                 "logprobs", "stop"})
+        if owned:
+            raise ValueError(f"{owned} come from the stage's config and run.sampler; extra_body may not set them")
+        return v
+
+    @model_validator(mode="after")
+    def _server_named(self) -> "SamplerSettings":
+        if self.backend == "openai":
+            missing = [k for k in ("base_url", "model") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"backend = \"openai\" needs {' and '.join(missing)} "
+                                 f"(run.sampler.{missing[0]} = ...)")
+        return self
+
+    def cache_payload(self) -> dict[str, Any] | None:
+        """What joins the sampling stages' cache keys: None for the torch backend (today's keys
+        stay as they are); for a server, the model's name and the settings that change what it
+        returns. The address, concurrency, timeouts and retries do not change the samples."""
+        if self.backend == "torch":
+            return None
+        return {"backend": self.backend, "model": self.model, "logprobs": self.logprobs,
+                "server_stops": self.server_stops, "extra_body": dict(sorted(self.extra_body.items()))}
+
+
 class RunSettings(BaseModel):
     """Settings shared by every stage of a run (the `[run]` section)."""
 
@@ -50,6 +112,8 @@ class RunSettings(BaseModel):
     # "fsdp": base, sft and distill shard their training copy (weights, gradients, AdamW moments)
     # over the ranks with FSDP2; the other training stages stay replicated. Not in any cache key.
     shard: Literal["none", "fsdp"] = Field("none", description="parameter sharding of the next-token training stages")
+    # Where cold_start, rejection_sampling and evaluate generate (SERVER_SAMPLING_STAGES).
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
 
     @model_validator(mode="after")
     def _check_nodes(self) -> "RunSettings":
@@ -120,6 +184,23 @@ class RunConfig:
         if name not in self.stages:
             raise ConfigError(f"stage {name!r} is not configured in this run")
         return self.stages[name]
+
+
+def stage_sampler(run: RunSettings, name: str) -> Any:
+    """The `StageContext.sampler` of a stage: a server SamplerFactory (`stages.sampling.server_sampler`)
+    when `run.sampler.backend` is "openai" and the stage only samples; None otherwise (the stage's
+    own torch sampler)."""
+    s = run.sampler
+    if s.backend == "torch" or name not in SERVER_SAMPLING_STAGES:
+        return None
+    from lm.openai_sampler import ServerSettings
+    from stages.sampling import server_sampler
+
+    assert s.base_url is not None and s.model is not None  # SamplerSettings checks it for "openai"
+    return server_sampler(ServerSettings(
+        base_url=s.base_url, model=s.model, concurrency=s.concurrency, timeout_s=s.timeout_s,
+        max_retries=s.max_retries, backoff_s=s.backoff_s, logprobs=s.logprobs, server_stops=s.server_stops,
+        extra_body=dict(s.extra_body), api_key_env=s.api_key_env))
 
 
 def stage_module(name: str) -> ModuleType:
@@ -248,6 +329,8 @@ def validate(raw: dict[str, Any], stages: tuple[str, ...] | None = None, preset:
     if not isinstance(raw.get("run", {}), dict):
         raise ConfigError(f"run: expected a table of settings, got {type(raw['run']).__name__}")
     _no_bool_numbers("run", RunSettings, raw.get("run", {}))
+    if isinstance(raw.get("run", {}).get("sampler"), dict):
+        _no_bool_numbers("run.sampler", SamplerSettings, raw["run"]["sampler"])
     try:
         run = RunSettings(**raw.get("run", {}))
     except ValidationError as e:

@@ -194,7 +194,7 @@ def _worker(spec_path: str) -> int:
 
 def _run_rank(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     from lm import distributed
-    from pipeline.config import stage_module, validate
+    from pipeline.config import stage_module, stage_sampler, validate
     from stages.context import StageContext
 
     name = spec["stage"]
@@ -210,7 +210,8 @@ def _run_rank(spec: dict[str, Any], rank: int) -> dict[str, Any]:
             out.mkdir(parents=True)
         ctx = StageContext(seed=spec["seed"], device=device, dtype=spec["dtype"], run_dir=scratch,
                            log=(lambda msg: print(_LOG_PREFIX + msg, flush=True)) if rank == 0 else (lambda _: None),
-                           progress=lambda iterable, desc="", total=None: iterable, shard=cfg.run.shard)
+                           progress=lambda iterable, desc="", total=None: iterable, shard=cfg.run.shard,
+                           sampler=stage_sampler(cfg.run, name))
         module = stage_module(name)
         summary = module.run(cfg.stage(name), {k: Path(v) for k, v in spec["inputs"].items()}, out, ctx)
         distributed.barrier()  # no rank leaves (and lets torchrun end the job) before all are done

@@ -22,7 +22,8 @@ from artifacts import Artifact, ArtifactError, ArtifactStore, RunRecord, RunStor
 from artifacts.runs import now_iso, process_owner
 from lm.train import resolve_device, resolve_dtype_name
 from pipeline import launch
-from pipeline.config import STAGES, RunConfig, apply_overrides, stage_module, validate
+from pipeline.config import (SERVER_SAMPLING_STAGES, STAGES, RunConfig, apply_overrides, stage_module, stage_sampler,
+                             validate)
 from pipeline.trackers import open_trackers
 from stages.context import StageContext
 
@@ -59,6 +60,11 @@ def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[
     A stage that reads files outside the artifact store (the user's problem files, user reward
     code) names them in `external_inputs(cfg) -> {name: sha256}`; those hashes join the payload,
     so editing such a file reruns the stage.
+
+    A sampling-only stage whose generation goes to a server (`run.sampler.backend = "openai"`)
+    adds the server's model name and the settings that change its answers
+    (`SamplerSettings.cache_payload`); with the torch backend nothing is added, so its keys are
+    the keys of before that option existed.
     """
     payload = {
         "stage": cfg.stage(name).model_dump(mode="json"),
@@ -70,6 +76,9 @@ def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[
     files = external(cfg.stage(name)) if external is not None else {}
     if files:
         payload["external"] = files
+    sampler = cfg.run.sampler.cache_payload() if name in SERVER_SAMPLING_STAGES else None
+    if sampler is not None:
+        payload["sampler"] = sampler
     return cache_key(name, payload, input_hashes, code_version()), payload
 
 
@@ -195,7 +204,8 @@ def _produce(name: str, cfg: RunConfig, key: str, payload: dict, inputs: dict[st
     device = resolve_device(cfg.run.device)
     tracker = open_trackers(cfg.run.trackers, runs.path(run_id).parent / "tensorboard" / name)
     ctx = StageContext(seed=cfg.run.seed, device=device, dtype=resolve_dtype_name(cfg.run.dtype, device),
-                       run_dir=scratch, log=log, track=tracker.track, shard=cfg.run.shard)
+                       run_dir=scratch, log=log, track=tracker.track, shard=cfg.run.shard,
+                       sampler=stage_sampler(cfg.run, name))
     if progress is not None:
         ctx.progress = progress
     module = stage_module(name)

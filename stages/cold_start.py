@@ -45,7 +45,7 @@ from stages.context import StageContext
 from stages.lm_training import encode_text
 from stages.problems import problem_id
 from stages.sampling import (SamplerFactory, TemplateName, conversational, find_checkpoint, messages_type, read_problems,
-                             sample_train_rows, torch_sampler)
+                             sample_train_rows)
 
 INPUTS: tuple[str, ...] = ("rl_zero", "problems")
 
@@ -268,12 +268,13 @@ def _rewrite(rows: list[dict[str, Any]], think_prefilled: bool = False) -> tuple
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
-        sampler_factory: SamplerFactory = torch_sampler) -> dict[str, Any]:
+        sampler_factory: SamplerFactory | None = None) -> dict[str, Any]:
     """Build cold_start.parquet and candidates.parquet in `out`; return the flat summary.
 
     Args:
         sampler_factory: builds the Sampler from (model, tokenizer, batch_size); tests inject a
-            scripted fake here.
+            scripted fake here. None: `ctx.sampler` (a server, `run.sampler`) or the local torch
+            sampler (`stages.sampling.pick_sampler`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

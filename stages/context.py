@@ -47,6 +47,10 @@ class StageContext:
         track: receives each step's scalars (`track(step, {"loss": ...})`) for live trackers.
         shard: "fsdp" to shard the weights, gradients and optimizer moments of the next-token
             training loop across ranks (FSDP2); "none" replicates them (DDP). One process: no effect.
+        sampler: for the sampling-only stages, a factory (model, tokenizer, batch_size) -> Sampler of
+            an external backend that serves one model whatever checkpoint the stage loads (an
+            OpenAI-compatible server: `stages.sampling.server_sampler`); None = the local torch
+            sampler on the stage's checkpoint. Its settings enter the cache key (`pipeline.runner`).
     """
 
     seed: int = 0
@@ -57,6 +61,7 @@ class StageContext:
     progress: Callable[..., Iterable[Any]] = field(default=_tqdm_progress)
     track: Callable[[int, dict[str, float]], None] = field(default=_no_tracking)
     shard: str = "none"
+    sampler: Callable[[Any, Any, int], Any] | None = None
 
     def flush_metrics(self, table: Any) -> None:
         """Replace `run_dir/metrics.parquet` with `table` (a pyarrow Table of the rows so far)

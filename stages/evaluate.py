@@ -63,7 +63,7 @@ from stages.context import StageContext
 from stages.filters import is_language_mixed
 from stages.sampling import (
     Problem, SamplerFactory, TemplateName, check_prompt_lengths, encode_prompts, find_checkpoint, load_policy,
-    read_problems, sample_completions, sampling_params, stage_seed, torch_sampler,
+    read_problems, sample_completions, sampling_params, stage_seed, pick_sampler,
 )
 
 INPUTS: tuple[str, ...] = ("problems", "base", "rl_zero", "sft", "rl_reasoning", "rejection_sampling", "dpo",
@@ -303,12 +303,13 @@ def _evaluate_one(ref: CheckpointRef, problems: list[Problem], cfg: Config, ctx:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
-        sampler_factory: SamplerFactory = torch_sampler) -> dict[str, Any]:
+        sampler_factory: SamplerFactory | None = None) -> dict[str, Any]:
     """Evaluate every checkpoint; write eval.parquet and summary.parquet; return the manifest summary.
 
     Args:
         sampler_factory: builds the Sampler from (model, tokenizer, batch_size); tests inject a
-            scripted fake here.
+            scripted fake here. None: `ctx.sampler` (a server, `run.sampler`) or the local torch
+            sampler (`stages.sampling.pick_sampler`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +324,13 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
         refs = [r for r in refs if r.name in cfg.checkpoints]
     if not refs:
         raise ValueError("evaluate found no checkpoint to evaluate")
+    if sampler_factory is None and getattr(ctx, "sampler", None) is not None and len(refs) != 1:
+        # A server holds one model: scoring every checkpoint with it would label one model's
+        # numbers with several checkpoints' names.
+        raise ValueError(f"run.sampler sends sampling to a server holding one model, but evaluate would score "
+                         f"{len(refs)} checkpoints ({', '.join(r.name for r in refs)}) with it: set "
+                         f"evaluate.checkpoints = [\"<the one the server holds>\"]")
+    sampler_factory = pick_sampler(sampler_factory, ctx)
     seed = stage_seed(ctx.seed + cfg.seed_offset, "evaluate")
     scorer = orm.find(inputs.get("rejection_sampling"), ctx.device)
     ctx.log(f"evaluate: {len(refs)} checkpoints x {len(problems)} test problems x {cfg.k} samples"

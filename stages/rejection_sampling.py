@@ -43,7 +43,7 @@ from stages.orm import OrmConfig
 from stages.context import StageContext
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import (SamplerFactory, TemplateName, conversational, find_checkpoint, messages_type,
-                             sample_train_rows, torch_sampler)
+                             sample_train_rows)
 
 INPUTS: tuple[str, ...] = ("rl_reasoning", "problems")
 
@@ -144,12 +144,13 @@ def pass_rate_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext, *,
-        sampler_factory: SamplerFactory = torch_sampler) -> dict[str, Any]:
+        sampler_factory: SamplerFactory | None = None) -> dict[str, Any]:
     """Write reasoning_sft.parquet, preference_pairs.parquet and candidates.parquet; return the summary.
 
     Args:
         sampler_factory: builds the Sampler from (model, tokenizer, batch_size); tests inject a
-            scripted fake here.
+            scripted fake here. None: `ctx.sampler` (a server, `run.sampler`) or the local torch
+            sampler (`stages.sampling.pick_sampler`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

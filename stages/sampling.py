@@ -9,9 +9,11 @@ holds prompts of similar length and left padding wastes little, then cut into ba
 (model, questions, n, params, batch_size, seed): the same config and seed give the same samples,
 also when the batches are shared out over several ranks (torchrun; `lm.distributed`).
 
-The sampler is injected: stages build a `lm.sampler.TorchSampler` through `torch_sampler`, tests
-pass any object with the `lm.sampler.Sampler` interface (a scripted fake), so the filters and the
-bookkeeping downstream are testable without a trained model.
+The sampler is injected: stages build a `lm.sampler.TorchSampler` through `torch_sampler`, or,
+when the run sends sampling to an OpenAI-compatible server (`run.sampler`, `ctx.sampler`), an
+`lm.openai_sampler.OpenAISampler` through `server_sampler`; tests pass any object with the
+`lm.sampler.Sampler` interface (a scripted fake), so the filters and the bookkeeping downstream
+are testable without a trained model. `pick_sampler` decides which, in one place.
 
 Also here, because every model-sampling stage needs it (the GRPO stages use it too): reading a
 split of problems.parquet (`read_problems`), seeded prompt subsets (`choose`), per-stage seed
@@ -24,7 +26,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from pydantic import AfterValidator
 
@@ -33,6 +35,9 @@ from lm.chat_template import known_template
 from lm.sampler import Generation, Sampler, SamplingParams, completion_text
 from lm.tokenizer import ANSWER_END, Tokenizer
 from stages.lm_training import encode_prompt
+
+if TYPE_CHECKING:
+    from lm.openai_sampler import ServerSettings
 
 TemplateName = Annotated[str, AfterValidator(known_template)]
 """A config field naming a prompt template, checked when the config loads."""
@@ -95,6 +100,27 @@ def torch_sampler(model: Any, tokenizer: Tokenizer, batch_size: int) -> Sampler:
 
     model.eval()
     return TorchSampler(model, tokenizer, max_batch_size=batch_size)
+
+
+def server_sampler(settings: "ServerSettings") -> SamplerFactory:
+    """A SamplerFactory for an OpenAI-compatible server: the model argument is unused (the server
+    holds its own), the tokenizer renders prompts and re-tokenizes completions the way the stages
+    encode model text (`stages.lm_training.encode_text`: think/answer tags as their single ids)."""
+    from lm.openai_sampler import OpenAISampler
+    from stages.lm_training import encode_text
+
+    def factory(model: Any, tokenizer: Tokenizer, batch_size: int) -> Sampler:
+        return OpenAISampler(settings, tokenizer, encode=lambda text: encode_text(tokenizer, text))
+
+    return factory
+
+
+def pick_sampler(explicit: SamplerFactory | None, ctx: Any) -> SamplerFactory:
+    """The factory a sampling stage uses: the one passed to its `run` (tests), else the context's
+    external backend (`ctx.sampler`, set from `run.sampler`), else the local torch sampler."""
+    if explicit is not None:
+        return explicit
+    return getattr(ctx, "sampler", None) or torch_sampler
 
 
 def encode_prompts(tokenizer: Tokenizer, questions: Sequence[str], template: str) -> list[list[int]]:
@@ -281,11 +307,14 @@ class TrainSamplingConfig(Protocol):
 
 
 def sample_train_rows(cfg: TrainSamplingConfig, checkpoint_dir: Path, problems_dir: Path, ctx: Any,
-                      sampler_factory: SamplerFactory, *, stage: str, origin: str) -> tuple[list[dict[str, Any]], int]:
+                      sampler_factory: SamplerFactory | None, *, stage: str,
+                      origin: str) -> tuple[list[dict[str, Any]], int]:
     """`samples_per_prompt` completions for each of a seeded subset of train prompts.
 
-    Returns candidate rows (problem_id, prompt, completion, answer, language, sample, n_tokens,
-    finish_reason, origin) in (prompt, sample) order, and the number of prompts sampled.
+    `sampler_factory` None picks the context's (`pick_sampler`). Returns candidate rows
+    (problem_id, prompt, completion, answer, language, sample, n_tokens, finish_reason, origin) in
+    (prompt, sample) order, and the number of prompts sampled. `origin` names the checkpoint sampled
+    from, or the server's model ("server:<model>") when the sampler has an `origin` of its own.
     """
     problems = read_problems(problems_dir, "train")
     seed = stage_seed(ctx.seed + cfg.seed_offset, stage)
@@ -295,8 +324,10 @@ def sample_train_rows(cfg: TrainSamplingConfig, checkpoint_dir: Path, problems_d
     check_prompt_lengths(ids, cfg.max_new_tokens, model.config.max_seq_len, [p.id for p in chosen])
     params = sampling_params(tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, stop_at_answer=cfg.stop_at_answer)
+    sampler = pick_sampler(sampler_factory, ctx)(model, tok, cfg.batch_size)
+    origin = getattr(sampler, "origin", origin)
     ctx.log(f"{stage}: sampling {cfg.samples_per_prompt} x {len(chosen)} prompts from {origin}")
-    samples = sample_completions(sampler_factory(model, tok, cfg.batch_size), tok, ids,
+    samples = sample_completions(sampler, tok, ids,
                                  n=cfg.samples_per_prompt, params=params, batch_size=cfg.batch_size,
                                  seed=seed, progress=ctx.progress, desc=f"{stage} sampling")
     rows = [{"problem_id": p.id, "prompt": p.prompt, "completion": c.text, "answer": p.answer,

@@ -112,3 +112,38 @@ def test_reward_names_and_references_are_checked_at_load(tmp_path):
         assert "rl_reasoning" in str(e.value) and named in str(e.value)
     with pytest.raises(ConfigError, match="reward_options names rewards without a weight"):
         load_config("micro", overrides=["rl_zero.reward_options={repetition_penalty = {ngram_size = 2}}"])
+
+
+# ------------------------------------------------------------------ run.sampler (OpenAI server)
+
+SERVER = ["run.sampler.backend=openai", "run.sampler.base_url=http://127.0.0.1:8000/v1/", "run.sampler.model=teacher"]
+
+
+def test_the_sampler_defaults_to_torch_and_a_server_is_set_with_set():
+    assert load_config("micro").run.sampler.backend == "torch"
+    s = load_config("micro", None, [*SERVER, "run.sampler.extra_body={top_k = 0, min_p = 0.0}"]).run.sampler
+    assert (s.backend, s.base_url, s.model, s.extra_body) == ("openai", "http://127.0.0.1:8000/v1", "teacher",
+                                                              {"top_k": 0, "min_p": 0.0})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.sampler.backend=openai"], r"run.sampler: .*backend = \"openai\" needs base_url and model"),
+    (["run.sampler.backend=openai", "run.sampler.base_url=http://h:1/v1"], r"run.sampler: .*needs model"),
+    (["run.sampler.backend=vllm"], r"run.sampler.backend: Input should be 'torch' or 'openai'"),
+    ([*SERVER, "run.sampler.base_url=h:8000"], r"run.sampler.base_url: .*expected http\(s\)://host:port/v1"),
+    ([*SERVER, "run.sampler.concurrency=0"], r"run.sampler.concurrency: .*greater than or equal to 1"),
+    ([*SERVER, "run.sampler.max_retries=true"], r"run.sampler.max_retries: expected a number, got true"),
+    ([*SERVER, "run.sampler.extra_body={seed = 1}"], r"run.sampler.extra_body: .*\['seed'\] come from"),
+    ([*SERVER, "run.sampler.url=x"], r"run.sampler.url: unknown key"),
+])
+def test_bad_sampler_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("micro", None, overrides)
+
+
+def test_a_bad_sampler_setting_exits_2_on_the_cli():
+    from tests.pipeline.cli_helpers import cli
+
+    assert cli("config", "show", "--preset", "micro", "--set", "run.sampler.backend=openai")[0] == 2
+    code, out = cli("config", "show", "--preset", "micro", *[a for s in SERVER for a in ("--set", s)])
+    assert code == 0 and 'backend = "openai"' in out

@@ -99,3 +99,41 @@ def test_a_scheduled_distill_keeps_the_runs_earlier_students():
     earlier = [{"name": "micro", "model": "micro", "init": "scratch"}]
     assert merged_students(earlier, ["tiny-student", "micro", "tiny-student"]) == [
         earlier[0], {"name": "tiny-student", "model": "tiny-student"}]
+
+
+def test_the_torch_sampler_leaves_cache_keys_as_they_were_and_a_server_names_its_model():
+    from artifacts import cache_key, code_version
+    from lm.train import resolve_device, resolve_dtype_name
+
+    hashes = {"rl_reasoning": "a" * 64, "problems": "b" * 64}
+    torch_cfg = load_config("micro")
+    key, payload = stage_key("rejection_sampling", torch_cfg, hashes)
+    # the payload of before run.sampler existed: stage config, seed, dtype, nothing else
+    before = {"stage": torch_cfg.stage("rejection_sampling").model_dump(mode="json"), "seed": 0,
+              "dtype": resolve_dtype_name(torch_cfg.run.dtype, resolve_device(torch_cfg.run.device))}
+    assert payload == before and key == cache_key("rejection_sampling", before, hashes, code_version())
+
+    server = ["run.sampler.backend=openai", "run.sampler.base_url=http://h:8000/v1", "run.sampler.model=teacher"]
+    s_key, s_payload = stage_key("rejection_sampling", load_config("micro", None, server), hashes)
+    assert s_key != key and s_payload["sampler"] == {"backend": "openai", "model": "teacher", "logprobs": True,
+                                                     "server_stops": True, "extra_body": {}}
+    # where the server is and how hard r1flow pushes it do not change the samples...
+    moved = server + ["run.sampler.base_url=http://other:9000/v1", "run.sampler.concurrency=64",
+                      "run.sampler.max_retries=0", "run.sampler.timeout_s=5"]
+    assert stage_key("rejection_sampling", load_config("micro", None, moved), hashes)[0] == s_key
+    # ...the model it serves and the request fields do
+    for change in ("run.sampler.model=other", "run.sampler.extra_body={top_k = 0}", "run.sampler.server_stops=false"):
+        assert stage_key("rejection_sampling", load_config("micro", None, server + [change]), hashes)[0] != s_key
+    # the training stages never sample on the server: their keys ignore run.sampler
+    assert stage_key("sft", load_config("micro", None, server), hashes) == stage_key("sft", torch_cfg, hashes)
+
+
+def test_the_stage_context_carries_a_server_sampler_only_for_sampling_stages():
+    from pipeline.config import SERVER_SAMPLING_STAGES, stage_sampler
+
+    server = ["run.sampler.backend=openai", "run.sampler.base_url=http://h:8000/v1", "run.sampler.model=teacher"]
+    run = load_config("micro", None, server).run
+    assert SERVER_SAMPLING_STAGES == ("cold_start", "rejection_sampling", "evaluate")
+    assert all(callable(stage_sampler(run, s)) for s in SERVER_SAMPLING_STAGES)
+    assert [s for s in STAGES if stage_sampler(run, s) is not None] == list(SERVER_SAMPLING_STAGES)
+    assert all(stage_sampler(load_config("micro").run, s) is None for s in STAGES)
