@@ -7,7 +7,10 @@ whitespace before ``<think>``, between the blocks and after ``</answer>``, and n
 repeated. The soft variant ("format_soft") pays 0.5 for a single non-empty think block and 0.5 for
 a single non-empty answer block after it, and tolerates surrounding text. Neither pays for empty
 tags or for two blocks (open-r1's regex reward pays for ``<think></think>`` and, unanchored, for
-a second block; these do not).
+a second block; these do not). The tag-count variant ("format_tags", after open-r1's
+``tag_count_reward``) pays 0.25 for each of the four tags written exactly once, in any order: a
+dense signal for a model that writes the tags only now and then (SmolLM2-135M under R1's
+instruction), which the two block rewards above would leave at 0 for most samples.
 
 When the prompt already opened ``<think>`` (the R1-Zero template can end with it), the completion
 starts inside the think block: pass ``think_prefilled=True`` or the prompts (TRL passes
@@ -114,5 +117,21 @@ def format_soft_reward(completions: list[str], **columns: Any) -> list[Score]:
     return _batch(format_soft_item, completions, columns)
 
 
+@text_item
+def format_tags_item(completion: str, think_prefilled: bool = False, prompt: Any = None,
+                     **_: Any) -> tuple[Score, str]:
+    """0.25 for each of <think>, </think>, <answer>, </answer> present exactly once."""
+    text = THINK_OPEN + completion if (think_prefilled or prompt_opens_think(prompt)) else completion
+    names = [m.group() for m in _tags(text)]
+    once = [t for t in _EXPECTED if names.count(t) == 1]
+    return 0.25 * len(once), f"{len(once)} of 4 tags once" + (f" ({', '.join(once)})" if once else "")
+
+
+def format_tags_reward(completions: list[str], **columns: Any) -> list[Score]:
+    """Tag-count format reward: 0, 0.25, 0.5, 0.75 or 1.0 per completion."""
+    return _batch(format_tags_item, completions, columns)
+
+
 format_reward = register("format", format_item)(format_reward)
+format_tags_reward = register("format_tags", format_tags_item)(format_tags_reward)
 format_soft_reward = register("format_soft", format_soft_item)(format_soft_reward)

@@ -84,3 +84,13 @@ def test_batch_forms():
 def test_misaligned_prompt_column_is_an_error():
     with pytest.raises(ValueError, match="prompts|'p'"):
         format_reward([GOOD, GOOD], prompts=["only one"])
+
+
+def test_tag_count_pays_a_quarter_per_tag_written_once():
+    from rewards import REGISTRY, format_tags_reward
+
+    completions = [GOOD, "nope", "<think>a</think>", "a </think> b <answer>", "<answer>1</answer><answer>2</answer>"]
+    assert format_tags_reward(completions) == [1.0, 0.0, 0.5, 0.5, 0.0]
+    # under a prefilled "<think>" the prompt's tag counts, and a second one in the completion breaks it
+    assert format_tags_reward(["a </think> <answer>1</answer>", "<think> a </think>"], think_prefilled=True) == [1.0, 0.25]
+    assert "format_tags" in REGISTRY
