@@ -262,6 +262,46 @@ def _participate(name: str, cfg: RunConfig, inputs: dict[str, Path], scratch: Pa
     return StageOutcome(name, "participated", out, time.perf_counter() - t0, {})
 
 
+def all_cached(cfg: RunConfig, stages: list[str], root: Path) -> bool:
+    """True when every one of `stages` (in order, each one's inputs among the earlier ones) has an
+    artifact in the cache for this config: the keys are followed from the cache's own artifacts,
+    without touching any run record. A corrupt artifact is found later by `execute_stage`."""
+    store = ArtifactStore(root)
+    hashes: dict[str, str] = {}
+    for name in stages:
+        inputs = stage_module(name).INPUTS
+        if any(up not in hashes for up in inputs):
+            return False
+        key, _ = stage_key(name, cfg, {up: hashes[up] for up in inputs})
+        found = store.find(name, key)
+        if found is None:
+            return False
+        hashes[name] = found.manifest.content_hash
+    return True
+
+
+def record_cached_run(cfg: RunConfig, run_id: str, root: Path, stages: list[str],
+                      log: Callable[[str], None]) -> None:
+    """Take every stage of a run from the cache and record it, in this process and without
+    Prefect: what `r1_pipeline` does when nothing is left to compute (the caller checked
+    `all_cached`), minus the orchestration. Writes the report (its plots reused) after a full run."""
+    from pipeline.report import write_report
+
+    with run_owner_lock(root, run_id, cfg.run):
+        try:
+            for name in stages:
+                execute_stage(name, cfg, run_id, root, log=log, reuse_only=True)
+            if stages and stages[-1] == STAGES[-1]:
+                try:
+                    log(f"report: {write_report(root, run_id)}")
+                except Exception as e:  # as in the flow: a report that cannot be drawn is a warning
+                    log(f"report: could not be written: {e}")
+        except BaseException:
+            finish_run(root, run_id, "failed")
+            raise
+        finish_run(root, run_id, "succeeded")
+
+
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:
     """Record how a flow ended; a "succeeded" run that still has stale stages reads "stale", one
     with stages never run (`run --until`) reads "partial"."""

@@ -6,7 +6,7 @@ import pytest
 from artifacts import RunStore, verify
 from pipeline.config import STAGES
 from pipeline.inspect import inspect_dataset, resolve
-from tests.pipeline.cli_helpers import cli
+from tests.pipeline.cli_helpers import cli, cli_json
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -69,6 +69,33 @@ def test_second_identical_run_reuses_every_stage(micro_run):
         states = {name: {t.state.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
             id={"any_": [flow_runs[name].id]})) if t.name in STAGES} for name in ("micro-1", "micro-2")}
     assert states == {"micro-1": {"Completed"}, "micro-2": {"Cached"}}  # (the report task is computed in both)
+
+
+def test_a_fully_cached_run_without_a_server_is_recorded_without_prefect(micro_copy, monkeypatch):
+    """Ephemeral mode (no PREFECT_API_URL) and every stage cached: nothing to orchestrate, so no
+    temporary server and no flow; the record and report are those of a normal cached rerun."""
+    from pipeline import commands, flows, prefect_setup
+    from pipeline.config import load_config
+    from pipeline.runner import all_cached
+
+    root, _ = micro_copy
+    cfg = load_config("micro", None, [])
+    assert all_cached(cfg, list(STAGES), root)
+    assert not all_cached(load_config("micro", None, ["evaluate.k=3"]), list(STAGES), root)  # evaluate would run
+    assert all_cached(load_config("micro", None, ["evaluate.k=3"]), list(STAGES[:-1]), root)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("started Prefect for a run with nothing to compute")
+
+    monkeypatch.setattr(flows, "server_configured", lambda: False)
+    monkeypatch.setattr(prefect_setup, "start_ephemeral_server", refuse)
+    monkeypatch.setattr(flows, "r1_pipeline", refuse)
+    summary = cli_json("run", "--preset", "micro", "--root", str(root), "--run-id", "quick", "--json")
+    assert summary["status"] == "succeeded" and {s["status"] for s in summary["stages"].values()} == {"cached"}
+    first = RunStore(root).load("micro-1")
+    assert all(summary["stages"][n]["path"] == first.stages[n].path for n in STAGES)
+    assert (root / "runs" / "quick" / "report" / "report.md").is_file()
+    assert commands._nothing_to_orchestrate(cfg, list(STAGES), root)
 
 
 def test_run_from_until_reuses_before_and_stops_after(micro_copy, tmp_path):
