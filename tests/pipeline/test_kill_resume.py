@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from artifacts import RunStore, verify
 from pipeline.config import STAGES
 
@@ -24,6 +26,7 @@ def _run(root: Path, run_id: str, **kw) -> subprocess.Popen:
                              "--run-id", run_id, "--json"], env=env, text=True, start_new_session=True, **kw)
 
 
+@pytest.mark.slow  # two whole micro runs in subprocesses: 2-6 min here, a third of the fast suite
 def test_killed_run_resumes_from_the_interrupted_stage(tmp_path):
     root = tmp_path / "root"
     first = _run(root, "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
