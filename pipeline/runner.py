@@ -76,7 +76,8 @@ def stage_key(name: str, cfg: RunConfig, input_hashes: dict[str, str]) -> tuple[
     files = external(cfg.stage(name)) if external is not None else {}
     if files:
         payload["external"] = files
-    sampler = cfg.run.sampler.cache_payload() if name in SERVER_SAMPLING_STAGES else None
+    samples = name in SERVER_SAMPLING_STAGES and getattr(cfg.stage(name), "source", None) != "file"
+    sampler = cfg.run.sampler.cache_payload() if samples else None  # cold_start from a file samples nothing
     if sampler is not None:
         payload["sampler"] = sampler
     return cache_key(name, payload, input_hashes, code_version()), payload

@@ -126,6 +126,10 @@ def test_the_torch_sampler_leaves_cache_keys_as_they_were_and_a_server_names_its
         assert stage_key("rejection_sampling", load_config("micro", None, server + [change]), hashes)[0] != s_key
     # the training stages never sample on the server: their keys ignore run.sampler
     assert stage_key("sft", load_config("micro", None, server), hashes) == stage_key("sft", torch_cfg, hashes)
+    # nor does cold_start reading the user's traces from a file
+    from_file = ["cold_start.source=file", "cold_start.path=traces.jsonl"]
+    assert (stage_key("cold_start", load_config("micro", None, server + from_file), hashes)
+            == stage_key("cold_start", load_config("micro", None, from_file), hashes))
 
 
 def test_the_stage_context_carries_a_server_sampler_only_for_sampling_stages():
