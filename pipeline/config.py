@@ -196,11 +196,8 @@ def stage_sampler(run: RunSettings, name: str) -> Any:
     from lm.openai_sampler import ServerSettings
     from stages.sampling import server_sampler
 
-    assert s.base_url is not None and s.model is not None  # SamplerSettings checks it for "openai"
-    return server_sampler(ServerSettings(
-        base_url=s.base_url, model=s.model, concurrency=s.concurrency, timeout_s=s.timeout_s,
-        max_retries=s.max_retries, backoff_s=s.backoff_s, logprobs=s.logprobs, server_stops=s.server_stops,
-        extra_body=dict(s.extra_body), api_key_env=s.api_key_env))
+    # the same fields; SamplerSettings checked base_url and model for "openai"
+    return server_sampler(ServerSettings(**s.model_dump(exclude={"backend"})))
 
 
 def stage_module(name: str) -> ModuleType:

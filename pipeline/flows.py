@@ -35,7 +35,7 @@ from prefect.states import Completed
 from artifacts import ArtifactError, RunStore, read_manifest
 from lm.train import resolve_device
 from pipeline.config import STAGES, ConfigError, RunConfig, validate
-from pipeline.runner import execute_stage, finish_run, run_owner_lock, update_run_config
+from pipeline.runner import drive_run, execute_stage, finish_run, run_owner_lock, update_run_config
 
 DEVICE_FREE_STAGES = {"problems"}
 DEVICE_LEASE_S = 60.0  # the server's minimum
@@ -228,19 +228,10 @@ def r1_pipeline(run_id: str, root: str, stages: list[str] | None = None, force: 
                 reuse_only: list[str] | None = None) -> list[dict]:
     """Every stage of the R1 recipe in order (or the listed ones), each reused when cached; the
     `reuse_only` ones (before `run --from`) are taken from the cache or fail, never computed."""
-    results = []
-    with run_owner_lock(Path(root), run_id, config_of(run_id, Path(root)).run):  # no `stage` swaps one out from under it
-        try:
-            for name in stages or list(STAGES):
-                results.append(run_stage(name, run_id, root, force=name in (force or []),
-                                         reuse_only=name in (reuse_only or [])))
-            if results and results[-1]["stage"] == STAGES[-1]:
-                report_task(run_id, root)
-        except BaseException:
-            finish_run(Path(root), run_id, "failed")
-            raise
-        finish_run(Path(root), run_id, "succeeded")
-    return results
+    return drive_run(Path(root), run_id, config_of(run_id, Path(root)).run, stages or list(STAGES),
+                     lambda name: run_stage(name, run_id, root, force=name in (force or []),
+                                            reuse_only=name in (reuse_only or [])),
+                     lambda: report_task(run_id, root))
 
 
 @flow(name="r1flow_stage", flow_run_name="{run_id}-{name}", log_prints=True)

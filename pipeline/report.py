@@ -259,7 +259,7 @@ def cached_plot(root: Path, out: Path, name: str, sources: list[Any], draw: Call
     Returns:
         True when `out/name` exists afterwards.
     """
-    hashes = [getattr(e, "content_hash", None) for e in sources]
+    hashes = [e.content_hash for e in sources]
     cache = Path(root) / "reports" / "plots"
     key = None
     if hashes and all(hashes):

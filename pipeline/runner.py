@@ -281,6 +281,24 @@ def all_cached(cfg: RunConfig, stages: list[str], root: Path) -> bool:
     return True
 
 
+def drive_run(root: Path, run_id: str, run: Any, stages: list[str], run_one: Callable[[str], Any],
+              report: Callable[[], Any]) -> list[Any]:
+    """Run `stages` in order under the run's lock with `run_one(name)`, then `report()` after a full
+    run, and record how the run ended: the body of the `r1_pipeline` flow and of `record_cached_run`."""
+    results = []
+    with run_owner_lock(root, run_id, run):  # no `stage` swaps one out from under it
+        try:
+            for name in stages:
+                results.append(run_one(name))
+            if stages and stages[-1] == STAGES[-1]:
+                report()
+        except BaseException:
+            finish_run(root, run_id, "failed")
+            raise
+        finish_run(root, run_id, "succeeded")
+    return results
+
+
 def record_cached_run(cfg: RunConfig, run_id: str, root: Path, stages: list[str],
                       log: Callable[[str], None]) -> None:
     """Take every stage of a run from the cache and record it, in this process and without
@@ -288,19 +306,14 @@ def record_cached_run(cfg: RunConfig, run_id: str, root: Path, stages: list[str]
     `all_cached`), minus the orchestration. Writes the report (its plots reused) after a full run."""
     from pipeline.report import write_report
 
-    with run_owner_lock(root, run_id, cfg.run):
+    def report() -> None:
         try:
-            for name in stages:
-                execute_stage(name, cfg, run_id, root, log=log, reuse_only=True)
-            if stages and stages[-1] == STAGES[-1]:
-                try:
-                    log(f"report: {write_report(root, run_id)}")
-                except Exception as e:  # as in the flow: a report that cannot be drawn is a warning
-                    log(f"report: could not be written: {e}")
-        except BaseException:
-            finish_run(root, run_id, "failed")
-            raise
-        finish_run(root, run_id, "succeeded")
+            log(f"report: {write_report(root, run_id)}")
+        except Exception as e:  # as in the flow: a report that cannot be drawn is a warning
+            log(f"report: could not be written: {e}")
+
+    drive_run(root, run_id, cfg.run, stages, lambda name: execute_stage(name, cfg, run_id, root, log=log,
+                                                                        reuse_only=True), report)
 
 
 def finish_run(root: Path, run_id: str, status: str) -> RunRecord:
