@@ -193,19 +193,24 @@ class TorchSampler:
         use_cache: False recomputes the whole sequence every step (for tests and benchmarks).
         max_batch_size: larger prompt lists are generated in chunks of this many rows; chunk i
             uses seed + i (with one seed per prompt, each chunk takes its rows' seeds).
+        frozen: the model's weights do not change between `generate` calls (evaluation, data
+            generation): its packed inference weights are kept and reused across calls
+            (`Transformer.fused_inference(keep=True)`, which still repacks if a weight changes).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *, use_cache: bool = True,
-                 max_batch_size: int = 64) -> None:
+                 max_batch_size: int = 64, frozen: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.use_cache = use_cache
         self.max_batch_size = max_batch_size
+        self.frozen = frozen
         self._cache: KVCache | None = None
 
     def release(self) -> None:
-        """Drop the kept KV cache (its memory) until the next `generate`."""
+        """Drop the kept KV cache and packed weights (their memory) until the next `generate`."""
         self._cache = None
+        self.model.drop_fused()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: Seed = 0) -> list[Generation]:
         """One `Generation` per prompt, in order. Prompts are lists of token ids (at least one);
@@ -223,7 +228,7 @@ class TorchSampler:
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seed: Seed) -> list[Generation]:
-        with self.model.fused_inference(batch_size=len(prompts)):
+        with self.model.fused_inference(batch_size=len(prompts), keep=self.frozen):
             return self._decode(prompts, params, seed)
 
     def _decode(self, prompts: list[list[int]], params: SamplingParams, seed: Seed) -> list[Generation]:

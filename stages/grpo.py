@@ -715,13 +715,15 @@ def _no_grad_logprobs(model: Transformer, batch: TrainBatch, device: str, dtype:
 
     In fp32 the model runs under `Transformer.fused_inference` (fused q/k/v and gate/up, weights
     pre-packed for oneDNN on CPU): 0.125 s against 0.184 s with plain modules for the benchmark's
-    reference pass, single-threaded. Under bf16 autocast the plain modules run (the packed
-    weights are fp32 and would bypass autocast)."""
+    reference pass, single-threaded; a frozen model (the reference) keeps its packed weights across
+    steps. Under bf16 autocast the plain modules run (the packed weights are fp32 and would bypass
+    autocast)."""
     out = torch.zeros_like(batch.old_logp)  # [N, Lc] (rows not asked for stay 0)
     if rows is None:
         rows = torch.arange(batch.completion_ids.shape[0], device=batch.completion_ids.device)  # [N]
+    frozen = not any(p.requires_grad for p in model.parameters())
     with torch.inference_mode(), autocast_context(device, dtype), fast_fp32_matmul(device, dtype), \
-            (model.fused_inference(batch.completion_ids.numel()) if dtype == "fp32" else nullcontext()):
+            (model.fused_inference(batch.completion_ids.numel(), keep=frozen) if dtype == "fp32" else nullcontext()):
         for idx in _micro_batches(batch, rows, chunks):
             if idx.numel():
                 lp = completion_logprobs(model, batch.rows(idx))  # [n, lc]

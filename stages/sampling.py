@@ -95,11 +95,12 @@ def sampling_params(tokenizer: Tokenizer, *, max_new_tokens: int, temperature: f
 
 
 def torch_sampler(model: Any, tokenizer: Tokenizer, batch_size: int) -> Sampler:
-    """The default SamplerFactory: lm's TorchSampler with one KV cache sized for `batch_size`."""
+    """The default SamplerFactory: lm's TorchSampler with one KV cache sized for `batch_size`; the
+    stages that use it only sample from the model, so its packed weights are kept across batches."""
     from lm.sampler import TorchSampler
 
     model.eval()
-    return TorchSampler(model, tokenizer, max_batch_size=batch_size)
+    return TorchSampler(model, tokenizer, max_batch_size=batch_size, frozen=True)
 
 
 def server_sampler(settings: "ServerSettings") -> SamplerFactory:

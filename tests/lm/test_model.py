@@ -206,6 +206,41 @@ def test_fused_inference_matches_plain_forward_and_cleans_up(make_model, onednn,
             pass
 
 
+def test_kept_fused_weights_are_reused_until_a_weight_changes_and_never_copied(make_model):
+    """keep=True: one packing serves every block of the same batch-size bucket; an optimizer step or
+    a loaded state dict (both bump the version counters) repacks; copies leave the snapshot behind."""
+    import copy
+
+    model = make_model()
+    tokens = torch.randint(0, 96, (3, 6))
+    with torch.inference_mode():
+        with model.fused_inference(3, keep=True):
+            first = model(tokens)
+        kept = model._kept_fused
+        with model.fused_inference(4, keep=True):  # 3 and 4 round up to the same bucket
+            torch.testing.assert_close(model(tokens), first)
+        assert model._kept_fused is kept and model.fast_output is None
+        with model.fused_inference(5, keep=True):
+            pass
+        assert model._kept_fused is not kept
+    clone = copy.deepcopy(model)
+    assert clone._kept_fused is None
+
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(tokens).sum().backward()
+    opt.step()
+    with torch.inference_mode():
+        with model.fused_inference(3, keep=True):
+            stepped = model(tokens)
+        torch.testing.assert_close(stepped, model(tokens), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(stepped, first)
+        model.load_state_dict(clone.state_dict())
+        with model.fused_inference(3, keep=True):
+            torch.testing.assert_close(model(tokens), first, atol=1e-5, rtol=1e-5)
+    model.drop_fused()
+    assert model._kept_fused is None
+
+
 def test_fused_inference_snapshot_is_dropped_after_weight_updates(make_model):
     """Weights changed between generations are seen by the next one (nothing cached across)."""
     model = make_model()
