@@ -7,6 +7,8 @@ ops) and vLLM's `SamplingParams` vocabulary. How it runs:
   in the same column, so each decoding step writes one cache column for the whole batch. Padded
   rows get rotary positions that start at 0 on their first real token and a key mask that hides
   their pads; a batch without padding takes the mask-free fast path.
+- A prompt repeated in the batch (GRPO's G samples, evaluation's k) is prefilled once and its
+  keys/values copied to its rows.
 - One `KVCache` is allocated per batch shape and reused across `generate` calls; the model runs
   under `Transformer.fused_inference()` (q/k/v and gate/up as one matmul each; on CPU weights
   pre-packed for oneDNN).
@@ -146,7 +148,8 @@ def sample_next(logits: Tensor, params: SamplingParams,
             u = generator.rand(scores.shape, scores.device)  # [B, V] in [0, 1)
         else:
             u = torch.rand(scores.shape, generator=generator, device=scores.device)  # [B, V] in [0, 1)
-        tokens = (scores - (-u.log()).log()).argmax(dim=-1)  # [B]
+        gumbel = u.log_().neg_().log_()  # [B, V] -log(-log U), in place: V is ~50k for real vocabularies
+        tokens = torch.sub(scores, gumbel, out=gumbel).argmax(dim=-1)  # [B]
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B], [B]
 
 
@@ -197,6 +200,8 @@ class TorchSampler:
             generation): its packed inference weights are kept and reused across calls
             (`Transformer.fused_inference(keep=True)`, which still repacks if a weight changes).
     """
+
+    dedupe_prompts: bool = True  # class-wide switch (tests compare both paths)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *, use_cache: bool = True,
                  max_batch_size: int = 64, frozen: bool = False) -> None:
@@ -256,7 +261,7 @@ class TorchSampler:
         out_lp = torch.zeros(B, N, dtype=torch.float32, device=device)  # [B, N]
         cache = self._get_cache(B, P + N, device) if self.use_cache else None
 
-        logits = self._next_logits(tokens, key_mask, positions, padded, cache, 0, P)  # [B, V]
+        logits = self._prefill(prompts, tokens, key_mask, positions, padded, cache, P)  # [B, V]
         steps = 0
         for j in range(N):
             nxt, lp = sample_next(logits, params, generator)  # [B], [B]
@@ -278,6 +283,25 @@ class TorchSampler:
             if j + 1 < N:
                 logits = self._next_logits(tokens, key_mask, positions, padded, cache, P + j, P + j + 1)
         return self._collect(prompts, tokens[:, P:P + steps], out_lp[:, :steps], length, done)
+
+    def _prefill(self, prompts: list[list[int]], tokens: Tensor, key_mask: Tensor, positions: Tensor, padded: bool,
+                 cache: KVCache | None, P: int) -> Tensor:
+        """Logits [B, V] after every prompt, each distinct prompt computed once: GRPO's G samples of
+        a prompt and evaluation's k samples share a prompt, whose keys/values are copied into each
+        of its rows (for SmolLM2 under a chat template the prompts are most of a step's prefill)."""
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(p), len(first)) for p in prompts]  # row -> its distinct prompt
+        if cache is None or not self.dedupe_prompts or len(first) == len(prompts):
+            return self._next_logits(tokens, key_mask, positions, padded, cache, 0, P)
+        inv = torch.tensor(src, device=tokens.device)  # [B]
+        rows = torch.tensor([src.index(u) for u in range(len(first))], device=tokens.device)  # [U]
+        cfg = self.model.config
+        part = KVCache.for_model(cfg, len(rows), P, dtype=cache.k.dtype, device=cache.k.device)
+        logits = self._next_logits(tokens[rows], key_mask[rows], positions[rows], padded, part, 0, P)  # [U, V]
+        cache.k[:, :, :, :P] = part.k[:, inv]  # [L, B, Hkv, P, hd]
+        cache.v[:, :, :, :P] = part.v[:, inv]
+        cache.advance(P)
+        return logits[inv]  # [B, V]
 
     def _next_logits(self, tokens: Tensor, key_mask: Tensor, positions: Tensor, padded: bool,
                      cache: KVCache | None, start: int, end: int) -> Tensor:

@@ -201,3 +201,24 @@ def test_per_row_seeds_make_a_group_independent_of_its_batch():
     assert len({tuple(x.token_ids) for x in alone[7]}) > 1  # rows of one stream still differ
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         sampler.generate(groups[7], params, [1, 2])
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_before(make_model, monkeypatch):
+    """GRPO's G copies of a prompt: one prefill row per distinct prompt, the same tokens and
+    log-probs as prefilling every row."""
+    model = make_model(n_kv_heads=2)
+    prompts = [MIXED_PROMPTS[0]] * 3 + [MIXED_PROMPTS[1]] * 2 + [MIXED_PROMPTS[3]]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    seeds = [3, 3, 3, 4, 4, 5]
+    prefill_rows = []
+    model.register_forward_pre_hook(lambda m, args: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1
+                                    else None)
+    shared = TorchSampler(model, None).generate(prompts, params, seeds)
+    assert prefill_rows == [3]
+    monkeypatch.setattr(TorchSampler, "dedupe_prompts", False)
+    every = TorchSampler(model, None).generate(prompts, params, seeds)
+    assert prefill_rows == [3, 6]
+    assert [g.token_ids for g in shared] == [g.token_ids for g in every]
+    for a, b in zip(shared, every):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert len({tuple(g.token_ids) for g in shared[:3]}) > 1  # the copies still sample apart
