@@ -7,7 +7,9 @@ reference itself cannot be read (logged by :func:`rewards.combine`, never silent
 
 Pipeline per completion:
 1. extraction in this process (:mod:`rewards.extract`): answer region, boxes, prose;
-2. identical normalized strings -> 1.0; multiple-choice references compare option letters;
+2. against a plain-number reference, restated arithmetic is not an answer (:func:`stated_value`:
+   ``24 + 56`` scores 0, ``24 + 56 = 80`` is judged as 80);
+   identical normalized strings -> 1.0; multiple-choice references compare option letters;
 3. the fast path (:mod:`rewards.numbers`): both sides plain numbers -> exact ``Fraction`` compare,
    no sympy, no worker;
 4. everything else goes to the worker pool (:mod:`rewards.pool`), which parses both sides with our
@@ -70,6 +72,40 @@ def _reference(ref_raw: str) -> tuple[str, str | None, PlainNumber | None]:
     return ref, choice_letter(ref), parse_plain_number(ref)
 
 
+_NUM = r"\(?\s*[-+]?\s*\d+(?:[.,]\d+)*\s*\)?"
+_OP = r"(?:[-+*/×÷·]|\\times|\\cdot|\\div)"
+_ARITHMETIC = re.compile(rf"\s*{_NUM}(?:\s*{_OP}\s*{_NUM})+\s*")  # 24 + 56, 3 \times (4 - 1)
+_LABEL = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*")  # x, a_1
+_OTHER_RELATIONS = re.compile(r"[<>≤≥≠]|\\(?:le|ge|leq|geq|neq|ne|approx)\b")
+
+
+def is_arithmetic(text: str) -> bool:
+    """Numbers joined by + - × ÷ (at least one operator): a computation, not a stated number
+    (a plain fraction or signed number such as 3/4 or -5 is a number)."""
+    return bool(_ARITHMETIC.fullmatch(text)) and parse_plain_number(text) is None
+
+
+def stated_value(answer: str) -> str | None:
+    """What an answer states when the reference is a number: sides of an equation chain that only
+    restate arithmetic on numbers are work shown, not the answer (`24 + 56 = 80` states 80,
+    `x = 5+5+1 = 7` states 7); an answer that is nothing but such arithmetic (`24 + 56`, which a
+    model rewarded by symbolic equivalence learns to copy from the question) states nothing: None.
+    Anything else comes back unchanged."""
+    if is_arithmetic(answer):
+        return None
+    if "=" not in answer or _OTHER_RELATIONS.search(answer):
+        return answer
+    sides = answer.split("=")
+    i = 0
+    while i < len(sides) - 1 and _LABEL.fullmatch(sides[i]):
+        i += 1
+    if not is_arithmetic(sides[i]):
+        return answer
+    while i < len(sides) - 1 and is_arithmetic(sides[i]):
+        i += 1
+    return None if is_arithmetic(sides[i]) else "=".join(sides[i:]).strip()
+
+
 def _prepare(region: str | None, reference: Any) -> _Decided | _Task:
     if reference is None:
         return None, "no reference answer"
@@ -96,6 +132,11 @@ def _prepare(region: str | None, reference: Any) -> _Decided | _Task:
         return 0.0, "empty answer"
     if any(len(c) > MAX_ANSWER_CHARS for c in cands):
         return 0.0, "answer too long"
+    if len(cands) == 1 and ref_number is not None:
+        stated = stated_value(cands[0])
+        if stated is None:
+            return 0.0, "unevaluated arithmetic: the answer restates a computation, not its value"
+        cands = [stated]
     if len(cands) == 1:
         if canonical(cands[0]) == canonical(ref):
             return 1.0, "identical"

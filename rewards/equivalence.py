@@ -11,8 +11,12 @@ Policies (issue 4; where the public checkers disagree, the choice is stated here
   from ``1/2^98``. Decimal approximations and percentages follow :mod:`rewards.numbers`.
 - Equations: ``x = 3`` against ``3`` compares 3; a side is a *label* when it is a symbol, a
   function name applied to symbols, a ratio of symbols (``f(x)``, ``|AB|``, ``V_1:V_2``).
-  A chain ``a = b = c`` is judged by its first value after the labels (``x = 2+1 = 4`` is 3);
-  Math-Verify takes the last value instead. Two equations without labels are equal when one is a
+  A chain ``a = b = c`` is judged by its first value after the labels (``x = 3 = 4`` is 3);
+  Math-Verify takes the last value instead. Against a plain-number reference, sides that only
+  restate arithmetic on numbers are work shown and skipped (``x = 2+1 = 4`` is 4), and an answer
+  that is nothing but such arithmetic (``24 + 56``) states no value and scores 0
+  (:func:`rewards.accuracy.stated_value`: a small model rewarded by symbolic equivalence learns
+  to copy the question's sum into its answer; measured on SmolLM2-135M within 12 GRPO steps). Two equations without labels are equal when one is a
   nonzero multiple of the other (``2x+4y-3=0`` and ``-4x-8y+6=0``); inequalities need a positive
   multiple, and a one-variable inequality also compares as an interval (``x \\ge 5`` = ``[5, oo)``).
 - Collections: a bare list (``1, 2, 3``) and a set (``\\{1,2,3\\}``) compare as sets (order and

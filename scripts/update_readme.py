@@ -1,11 +1,15 @@
-"""Regenerate the README's results section from a real run of the embedded default.
+"""Regenerate the README's results sections from real runs.
 
     python scripts/update_readme.py                 # runs `r1flow run --preset tiny` (cached stages reused)
     python scripts/update_readme.py --run RUN_ID    # uses an existing run
+    python scripts/update_readme.py --real-model RUN_ID --control RUN_ID   # the SmolLM2 section
 
-Writes docs/eval.png and docs/rl_curves.png (from `r1flow report`) and replaces the text between
-the README's `<!-- results:start -->` and `<!-- results:end -->` markers with the run's eval table,
-stage timings and the plots. Nothing in that section is edited by hand.
+The first two write docs/eval.png and docs/rl_curves.png (from `r1flow report`) and replace the
+text between the README's `<!-- results:start -->` and `<!-- results:end -->` markers with the
+run's eval table, stage timings and the plots. `--real-model` does the same for a
+`--preset smollm2-135m` run between `<!-- real-model:start -->` and `<!-- real-model:end -->`
+(docs/real_model_*.png), adding the control run's rl_zero row (the same preset with the accuracy
+reward's weight set to 0). Nothing in those sections is edited by hand.
 """
 from __future__ import annotations
 
@@ -24,13 +28,68 @@ from artifacts import RunStore  # noqa: E402
 from pipeline.report import eval_rows, eval_table_markdown, write_report  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+REAL_START, REAL_END = "<!-- real-model:start -->", "<!-- real-model:end -->"
+
+
+def replace_section(start: str, end: str, section: str) -> None:
+    readme = (REPO / "README.md").read_text()
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the {start} / {end} markers")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    (REPO / "README.md").write_text(head + start + "\n" + section + "\n" + end + tail)
+
+
+def stage_timing(record) -> tuple[float, str]:
+    total = sum(e.seconds or 0 for e in record.stages.values())
+    return total, ", ".join(f"{n} {e.seconds:.0f}s" for n, e in record.stages.items() if e.seconds)
+
+
+def real_model_section(root: Path, run_id: str, control_id: str | None) -> str:
+    """The SmolLM2 table (every evaluated checkpoint, plus the control's rl_zero), timings, curves."""
+    record = RunStore(root).load(run_id)
+    report = write_report(root, run_id)
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    plots = []
+    for png in ("eval.png", "rl_curves.png"):
+        if (report.parent / png).exists():
+            shutil.copy(report.parent / png, docs / f"real_model_{png}")
+            plots.append(f"docs/real_model_{png}")
+    rows = eval_rows(Path(record.stages["evaluate"].path))
+    if control_id is not None:
+        control = RunStore(root).load(control_id)
+        weights = control.config["rl_zero"]["rewards"]
+        extra = [dict(r, checkpoint=f"{r['checkpoint']} (control: accuracy weight {weights.get('accuracy', 0)})")
+                 for r in eval_rows(Path(control.stages["evaluate"].path)) if r["checkpoint"] == "rl_zero"]
+        at = next((i + 1 for i, r in enumerate(rows) if r["checkpoint"] == "rl_zero"), len(rows))
+        rows = rows[:at] + extra + rows[at:]
+    total, timing = stage_timing(record)
+    lines = [
+        f"Run `{run_id}`" + (f" and control run `{control_id}`" if control_id else "")
+        + f" (preset `{record.preset}`, seed {record.config['run']['seed']}), {platform.machine()} CPU, "
+        f"{total / 60:.1f} min of stage time in all ({timing}).",
+        "pass@1 is the mean over k samples at T=0.6, top-p 0.95 on the held-out test split.",
+        "",
+        eval_table_markdown(rows),
+    ]
+    lines += [x for png in plots for x in ("", f"![{Path(png).stem}]({png})")]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None, help="an existing run id (default: run the tiny preset now)")
     ap.add_argument("--root", type=Path, default=REPO / "r1flow-data")
+    ap.add_argument("--real-model", default=None, metavar="RUN_ID",
+                    help="a finished `--preset smollm2-135m` run: write the README's real-model section instead")
+    ap.add_argument("--control", default=None, metavar="RUN_ID",
+                    help="with --real-model: the control run (rl_zero's accuracy weight 0)")
     args = ap.parse_args()
+    if args.real_model is not None:
+        replace_section(REAL_START, REAL_END, real_model_section(args.root, args.real_model, args.control))
+        print(f"README real-model section updated from run {args.real_model}")
+        return
     run_id = args.run
     if run_id is None:
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny", "--root",
@@ -44,10 +103,8 @@ def main() -> None:
         if (report.parent / png).exists():
             shutil.copy(report.parent / png, docs / png)
     rows = eval_rows(Path(record.stages["evaluate"].path))
-    total = sum(e.seconds or 0 for e in record.stages.values())
-    timing = ", ".join(f"{n} {e.seconds:.0f}s" for n, e in record.stages.items() if e.seconds)
+    total, timing = stage_timing(record)
     section = "\n".join([
-        START,
         f"Run `{run_id}` (preset `{record.preset}`, seed {record.config['run']['seed']}), "
         f"{platform.machine()} CPU, {total / 60:.1f} min of stage time in all ({timing}).",
         "pass@1 is the mean over k samples at T=0.6, top-p 0.95 on the held-out test split.",
@@ -57,14 +114,8 @@ def main() -> None:
         "![evaluation per checkpoint](docs/eval.png)",
         "",
         "![RL curves](docs/rl_curves.png)",
-        END,
     ])
-    readme = (REPO / "README.md").read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    (REPO / "README.md").write_text(head + section + tail)
+    replace_section(START, END, section)
     print(f"README results updated from run {run_id}")
 
 
