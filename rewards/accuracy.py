@@ -95,7 +95,12 @@ def stated_value(answer: str) -> str | None:
         return None
     if "=" not in answer or _OTHER_RELATIONS.search(answer):
         return answer
-    sides = answer.split("=")
+    inner = answer.strip()
+    while inner.startswith("(") and inner.endswith(")"):  # (35 + 70 = 105)
+        inner = inner[1:-1].strip()
+    sides = inner.split("=")
+    if any(side.count("(") != side.count(")") for side in sides):
+        return answer  # "=" inside brackets: not a top-level chain
     i = 0
     while i < len(sides) - 1 and _LABEL.fullmatch(sides[i]):
         i += 1

@@ -162,6 +162,7 @@ CASES: list[tuple[str, str, str, float | None]] = [
     ("arithmetic-echo-is-no-answer", "80", r1("24 + 56"), 0.0),
     ("arithmetic-echo-times", "12", r1("3 \\times 4"), 0.0),
     ("arithmetic-echo-chain", "80", r1("24 + 56 = 70 + 10"), 0.0),
+    ("arithmetic-chain-in-brackets", "105", r1("(35 + 70 = 105)"), 1.0),
     ("power-against-number-still-equivalent", "1024", r1("2^{10}"), 1.0),
     ("eq-chain-hedge-last", "4", r1("x = 3 = 4"), 0.0),
     ("eq-not-label", "0", r1("a + 3z = 0"), 0.0),
