@@ -10,7 +10,9 @@ tags or for two blocks (open-r1's regex reward pays for ``<think></think>`` and,
 a second block; these do not). The tag-count variant ("format_tags", after open-r1's
 ``tag_count_reward``) pays 0.25 for each of the four tags written exactly once, in any order: a
 dense signal for a model that writes the tags only now and then (SmolLM2-135M under R1's
-instruction), which the two block rewards above would leave at 0 for most samples.
+instruction), which the two block rewards above would leave at 0 for most samples. It pays for
+tags whatever they hold: with no accuracy signal, SmolLM2 under GRPO collapsed to 8-token
+``<answer>11</answer>`` guesses within 15 steps (measured), so weight it below the accuracy reward.
 
 When the prompt already opened ``<think>`` (the R1-Zero template can end with it), the completion
 starts inside the think block: pass ``think_prefilled=True`` or the prompts (TRL passes
