@@ -72,17 +72,42 @@ def _reference(ref_raw: str) -> tuple[str, str | None, PlainNumber | None]:
     return ref, choice_letter(ref), parse_plain_number(ref)
 
 
-_NUM = r"\(?\s*[-+]?\s*\d+(?:[.,]\d+)*\s*\)?"
-_OP = r"(?:[-+*/×÷·]|\\times|\\cdot|\\div)"
-_ARITHMETIC = re.compile(rf"\s*{_NUM}(?:\s*{_OP}\s*{_NUM})+\s*")  # 24 + 56, 3 \times (4 - 1)
+_ARITH_TOKEN = re.compile(r"\s+|\d+(?:[.,]\d+)*|\\times|\\cdot|\\div|[-+*/×÷·()]")
 _LABEL = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?\s*")  # x, a_1
 _OTHER_RELATIONS = re.compile(r"[<>≤≥≠]|\\(?:le|ge|leq|geq|neq|ne|approx)\b")
 
 
 def is_arithmetic(text: str) -> bool:
-    """Numbers joined by + - × ÷ (at least one operator): a computation, not a stated number
-    (a plain fraction or signed number such as 3/4 or -5 is a number)."""
-    return bool(_ARITHMETIC.fullmatch(text)) and parse_plain_number(text) is None
+    """Numbers joined by + - × ÷ (at least one operator, brackets allowed): a computation, not a
+    stated number (a plain fraction or signed number such as 3/4 or -5 is a number). One linear
+    scan, no backtracking: the text is model output."""
+    expect_number, depth, operators, pos = True, 0, 0, 0
+    for m in _ARITH_TOKEN.finditer(text):
+        if m.start() != pos:
+            return False  # a character that is neither a number, an operator nor a bracket
+        pos, tok = m.end(), m.group()
+        if tok.isspace():
+            continue
+        if tok == "(":
+            if not expect_number:
+                return False
+            depth += 1
+        elif tok == ")":
+            if expect_number or depth == 0:
+                return False
+            depth -= 1
+        elif tok[0].isdigit():
+            if not expect_number:
+                return False
+            expect_number = False
+        elif expect_number:  # a sign before a number
+            if tok not in "+-":
+                return False
+        else:
+            operators += 1
+            expect_number = True
+    return (pos == len(text) and not expect_number and depth == 0 and operators > 0
+            and parse_plain_number(text) is None)
 
 
 def stated_value(answer: str) -> str | None:

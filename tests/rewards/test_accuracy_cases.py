@@ -253,3 +253,17 @@ def test_case_table_is_large_and_unique():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
     assert len(CASES) >= 150
+
+
+def test_restated_arithmetic_scan_is_linear_on_hostile_answers():
+    """`is_arithmetic` reads model output in one scan: inputs that make a backtracking regex take
+    exponential time ('1 +1 +1 ... x') are answered at once (a hang here is the regression)."""
+    from rewards.accuracy import is_arithmetic, stated_value
+    from rewards.extract import MAX_ANSWER_CHARS
+
+    n = MAX_ANSWER_CHARS
+    assert not is_arithmetic(("1 +" * n)[: n - 1] + "x")
+    assert is_arithmetic(("1 + " * n)[: n - 3].rstrip(" +") + " + 1")
+    assert stated_value("=".join(["1+1"] * (n // 4))) is None
+    assert stated_value(("(1" * n)[:n]) == ("(1" * n)[:n]
+    assert stated_value("x = 1 - -1 = 2") == "2"
