@@ -43,7 +43,7 @@ def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
 
         before = RunStore(root).load(teacher).stages["distill"].path
         serve_log = tmp_path / "serve.log"
-        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env=env, stdout=serve_log.open("w"),
+        serve = subprocess.Popen([*r1flow, "serve", "--root", str(root)], env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=serve_log.open("w"),
                                  stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         entry = None
@@ -60,7 +60,14 @@ def test_scheduled_distill_runs_on_a_real_server(micro_copy, tmp_path):
         assert record.stages["evaluate"].status == "stale"  # downstream of the new students
         # Ctrl-C stops the server cleanly: exit 0, no traceback, no un-awaited coroutine
         serve.send_signal(signal.SIGINT)
-        assert serve.wait(timeout=60) == 0, serve_log.read_text()
+        try:
+            rc = serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # show where it hangs: faulthandler dumps every thread on SIGABRT
+            serve.send_signal(signal.SIGABRT)
+            serve.wait(timeout=30)
+            raise AssertionError("`r1flow serve` ignored Ctrl-C for 60 s; its threads:\n"
+                                 + serve_log.read_text()[-20000:]) from None
+        assert rc == 0, serve_log.read_text()
         out = serve_log.read_text()
         assert "never awaited" not in out and "Traceback" not in out, out
         assert "r1flow serve: stopped" in out
