@@ -112,11 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve_until_stopped(deployments: list, limit: int | None) -> None:
     """Prefect's `serve`, stopped the same clean way by Ctrl-C and by SIGTERM.
 
-    Prefect's runner answers SIGTERM by calling its async `stop` from a signal handler (the coroutine
-    is never awaited, then `sys.exit` lands inside the event loop); here SIGTERM takes Ctrl-C's
-    path instead: asyncio cancels the runner, which pauses its schedules and exits.
+    Ctrl-C asks the runner to stop (`Runner.astop`: its polling loops end, then it pauses its
+    schedules and exits) rather than cancelling the task that runs it: a cancellation that lands
+    while the runner finishes a flow run was absorbed and left `serve` running (seen in CI, with
+    every thread idle in its event loop). Prefect's runner answers SIGTERM by calling its async
+    `stop` from a signal handler (the coroutine is never awaited, then `sys.exit` lands inside the
+    event loop); here SIGTERM takes Ctrl-C's path instead.
     """
     import asyncio
+    import contextlib
     import signal
 
     from prefect.runner import Runner
@@ -130,7 +134,23 @@ def serve_until_stopped(deployments: list, limit: int | None) -> None:
         runner.add_deployment(deployment)
     print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
           + "; trigger one with `prefect deployment run NAME`; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        serving = asyncio.ensure_future(runner.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not serving.done():
+            if runner.started:
+                await runner.astop()
+            else:  # Ctrl-C before the runner came up: nothing to pause yet
+                serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+
     try:
-        asyncio.run(runner.start())
+        asyncio.run(serve())
     except KeyboardInterrupt:
         pass
