@@ -40,22 +40,21 @@ def replace_section(start: str, end: str, section: str) -> None:
     (REPO / "README.md").write_text(head + start + "\n" + section + "\n" + end + tail)
 
 
-def stage_timing(record) -> tuple[float, str]:
-    total = sum(e.seconds or 0 for e in record.stages.values())
-    return total, ", ".join(f"{n} {e.seconds:.0f}s" for n, e in record.stages.items() if e.seconds)
+PLOTS = {"eval.png": "evaluation per checkpoint", "rl_curves.png": "RL curves"}
 
 
-def real_model_section(root: Path, run_id: str, control_id: str | None) -> str:
-    """The SmolLM2 table (every evaluated checkpoint, plus the control's rl_zero), timings, curves."""
+def results_section(root: Path, run_id: str, prefix: str = "", control_id: str | None = None) -> str:
+    """A run's eval table (plus, with a control run, its rl_zero row after the run's), stage timings
+    and plots, the plots copied to docs/<prefix><name>."""
     record = RunStore(root).load(run_id)
     report = write_report(root, run_id)
     docs = REPO / "docs"
     docs.mkdir(exist_ok=True)
     plots = []
-    for png in ("eval.png", "rl_curves.png"):
+    for png, alt in PLOTS.items():
         if (report.parent / png).exists():
-            shutil.copy(report.parent / png, docs / f"real_model_{png}")
-            plots.append(f"docs/real_model_{png}")
+            shutil.copy(report.parent / png, docs / f"{prefix}{png}")
+            plots.append(f"![{alt}](docs/{prefix}{png})")
     rows = eval_rows(Path(record.stages["evaluate"].path))
     if control_id is not None:
         control = RunStore(root).load(control_id)
@@ -64,7 +63,8 @@ def real_model_section(root: Path, run_id: str, control_id: str | None) -> str:
                  for r in eval_rows(Path(control.stages["evaluate"].path)) if r["checkpoint"] == "rl_zero"]
         at = next((i + 1 for i, r in enumerate(rows) if r["checkpoint"] == "rl_zero"), len(rows))
         rows = rows[:at] + extra + rows[at:]
-    total, timing = stage_timing(record)
+    total = sum(e.seconds or 0 for e in record.stages.values())
+    timing = ", ".join(f"{n} {e.seconds:.0f}s" for n, e in record.stages.items() if e.seconds)
     lines = [
         f"Run `{run_id}`" + (f" and control run `{control_id}`" if control_id else "")
         + f" (preset `{record.preset}`, seed {record.config['run']['seed']}), {platform.machine()} CPU, "
@@ -73,7 +73,7 @@ def real_model_section(root: Path, run_id: str, control_id: str | None) -> str:
         "",
         eval_table_markdown(rows),
     ]
-    lines += [x for png in plots for x in ("", f"![{Path(png).stem}]({png})")]
+    lines += [x for plot in plots for x in ("", plot)]
     return "\n".join(lines)
 
 
@@ -87,7 +87,7 @@ def main() -> None:
                     help="with --real-model: the control run (rl_zero's accuracy weight 0)")
     args = ap.parse_args()
     if args.real_model is not None:
-        replace_section(REAL_START, REAL_END, real_model_section(args.root, args.real_model, args.control))
+        replace_section(REAL_START, REAL_END, results_section(args.root, args.real_model, "real_model_", args.control))
         print(f"README real-model section updated from run {args.real_model}")
         return
     run_id = args.run
@@ -95,27 +95,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny", "--root",
                               str(args.root), "--json"], check=True, capture_output=True, text=True, cwd=REPO)
         run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
-    record = RunStore(args.root).load(run_id)
-    report = write_report(args.root, run_id)
-    docs = REPO / "docs"
-    docs.mkdir(exist_ok=True)
-    for png in ("eval.png", "rl_curves.png"):
-        if (report.parent / png).exists():
-            shutil.copy(report.parent / png, docs / png)
-    rows = eval_rows(Path(record.stages["evaluate"].path))
-    total, timing = stage_timing(record)
-    section = "\n".join([
-        f"Run `{run_id}` (preset `{record.preset}`, seed {record.config['run']['seed']}), "
-        f"{platform.machine()} CPU, {total / 60:.1f} min of stage time in all ({timing}).",
-        "pass@1 is the mean over k samples at T=0.6, top-p 0.95 on the held-out test split.",
-        "",
-        eval_table_markdown(rows),
-        "",
-        "![evaluation per checkpoint](docs/eval.png)",
-        "",
-        "![RL curves](docs/rl_curves.png)",
-    ])
-    replace_section(START, END, section)
+    replace_section(START, END, results_section(args.root, run_id))
     print(f"README results updated from run {run_id}")
 
 
