@@ -289,12 +289,18 @@ class TorchSampler:
         """Logits [B, V] after every prompt, each distinct prompt computed once: GRPO's G samples of
         a prompt and evaluation's k samples share a prompt, whose keys/values are copied into each
         of its rows (for SmolLM2 under a chat template the prompts are most of a step's prefill)."""
-        first: dict[tuple[int, ...], int] = {}
-        src = [first.setdefault(tuple(p), len(first)) for p in prompts]  # row -> its distinct prompt
-        if cache is None or not self.dedupe_prompts or len(first) == len(prompts):
+        distinct: dict[tuple[int, ...], int] = {}
+        first_rows: list[int] = []  # the first row of each distinct prompt
+        src = []  # row -> its distinct prompt
+        for row, p in enumerate(prompts):
+            u = distinct.setdefault(tuple(p), len(distinct))
+            if u == len(first_rows):
+                first_rows.append(row)
+            src.append(u)
+        if cache is None or not self.dedupe_prompts or len(first_rows) == len(prompts):
             return self._next_logits(tokens, key_mask, positions, padded, cache, 0, P)
         inv = torch.tensor(src, device=tokens.device)  # [B]
-        rows = torch.tensor([src.index(u) for u in range(len(first))], device=tokens.device)  # [U]
+        rows = torch.tensor(first_rows, device=tokens.device)  # [U]
         cfg = self.model.config
         part = KVCache.for_model(cfg, len(rows), P, dtype=cache.k.dtype, device=cache.k.device)
         logits = self._next_logits(tokens[rows], key_mask[rows], positions[rows], padded, part, 0, P)  # [U, V]
