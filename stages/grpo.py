@@ -71,6 +71,7 @@ from torch import Tensor
 
 from artifacts.store import write_table
 from lm import distributed
+from lm.chat_template import THINK_PREFILL
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_checkpoint
 from lm.checkpoint import save_resume as save_resume_state
@@ -308,7 +309,7 @@ class RewardScorer:
         for name in sorted({k for p in problems for k in p.columns}):
             columns[name] = [p.columns.get(name) for p in problems]
         kwargs: dict[str, Any] = {
-            "prompts": [list(p.messages) for p in problems] if conversational else list(prompts),
+            "prompts": [_prompt_messages(p, r) for p, r in zip(problems, prompts)] if conversational else list(prompts),
             "trainer_state": self.state, "log_extra": self._log_extra, "log_metric": self._log_metric,
         }
         if completion_ids is not None:
@@ -328,6 +329,18 @@ class RewardScorer:
         self.logged.clear()
         self.extra_columns.clear()
         return out
+
+
+def _prompt_messages(problem: Problem, rendered: str) -> list[dict[str, str]]:
+    """A conversational prompt as the rewards see it: the problem's messages, plus the assistant
+    turn the template opened (TRL's `continue_final_message` form) when it prefilled `<think>`,
+    so the format rewards count that tag as written."""
+    from rewards.format import prompt_opens_think
+
+    messages = [dict(m) for m in problem.messages]
+    if prompt_opens_think(rendered):
+        messages.append({"role": "assistant", "content": THINK_PREFILL})
+    return messages
 
 
 def reward_scorer(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> RewardScorer:

@@ -31,8 +31,9 @@ Outputs:
   question has the same id in every run), ``prompt`` (the bare question; stages apply the chat
   template), ``answer`` (normalised once: whitespace, a surrounding ``$…$``/``$$…$$`` and
   ``\\boxed{…}`` stripped), ``split`` (``train``/``test``), ``source`` (``synthetic/<task>`` or
-  ``file/<file name>``), ``language``, ``difficulty`` (1..3 for synthetic, else from
-  ``difficulty_column`` or null).
+  ``file/<file name>``), ``language``, ``difficulty`` (0..3 for synthetic, else from
+  ``difficulty_column`` or null), ``messages`` (a chat prompt's turns, with ``system_prompt`` and the
+  ``few_shot`` examples when set; null otherwise).
 - ``corpus.parquet`` (optional: written only with ``corpus_docs > 0``; for a user file, R1-format
   documents of its train problems):
   ``text`` (``User: …\\nAssistant: …`` documents) and ``kind`` (clean / slip / untagged / drift).
@@ -109,6 +110,15 @@ _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson
 warnings.filterwarnings("ignore", message='Field name "schema" in "Config" shadows', category=UserWarning)
 
 
+class FewShot(BaseModel):
+    """One worked example shown before every prompt: a user turn and the assistant's answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(min_length=1)
+    assistant: str = Field(min_length=1)
+
+
 class Config(BaseModel):
     """Knobs of the problems stage; defaults build the tiny preset's synthetic set."""
 
@@ -142,6 +152,12 @@ class Config(BaseModel):
     test_fraction: float = Field(0.1, ge=0, le=1, description="file source without split_column")
     on_invalid_utf8: Literal["error", "skip"] = "error"
 
+    # either source, stored in `messages` so every stage renders the same prompt: a system turn for
+    # prompts without one (None: the stage's template brings R1-Zero's instruction), and worked
+    # examples put before the question as earlier user/assistant turns (after the system turn)
+    system_prompt: str | None = Field(None, min_length=1)
+    few_shot: list[FewShot] = Field(default_factory=list)
+
     @field_validator("task_mix")
     @classmethod
     def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
@@ -151,12 +167,15 @@ class Config(BaseModel):
     @field_validator("difficulty_mix")
     @classmethod
     def _known_levels(cls, v: dict[int, float]) -> dict[int, float]:
-        synthetic.check_mix(v, synthetic.DIFFICULTIES, "difficulty")
+        synthetic.check_mix(v, synthetic.LEVELS, "difficulty")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         self.corpus_config()  # rates sum to at most 1
+        if self.source == "synthetic":
+            synthetic.check_easy_level([t for t, w in self.task_mix.items() if w > 0],
+                                       [d for d, w in self.difficulty_mix.items() if w > 0])
         if self.source == "file" and not self.path:
             raise ValueError("source='file' needs path (the user's Parquet/JSONL/CSV file)")
         return self
@@ -708,6 +727,16 @@ def _write_user_corpus(cfg: Config, train: list[dict[str, Any]], out: Path) -> d
     return summary
 
 
+def with_prompt_turns(row: dict[str, Any], system: str | None, examples: list[FewShot]) -> dict[str, Any]:
+    """`row` with `system` as its system turn (unless it has one) and `examples` as user/assistant
+    turns before its question (after the system turn)."""
+    messages = list(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
+    head = messages[:1] if messages[0]["role"] == "system" else ([{"role": "system", "content": system}] if system else [])
+    messages = messages[1:] if messages[0]["role"] == "system" else messages
+    turns = [{"role": role, "content": text} for ex in examples for role, text in (("user", ex.user), ("assistant", ex.assistant))]
+    return {**row, "messages": head + turns + messages}
+
+
 # ------------------------------------------------------------------------------------------ run
 
 
@@ -759,6 +788,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
         rows = _synthetic_problems(cfg, seed)
     else:
         rows, counts, schema = _file_problems(cfg)
+    if cfg.system_prompt or cfg.few_shot:
+        rows = [with_prompt_turns(r, cfg.system_prompt, cfg.few_shot) for r in rows]
     table = pa.Table.from_pylist([{k: r.get(k) for k in PROBLEMS_SCHEMA.names} for r in rows],
                                  schema=PROBLEMS_SCHEMA)
     write_table(table, out / "problems.parquet", PROBLEMS_SCHEMA)

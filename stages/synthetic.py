@@ -22,6 +22,11 @@ Six families, three difficulty levels each (example questions in brackets):
 - ``frac``: same denominator, + or - [What is 1/5 + 2/5?]; different denominators 2..9;
   products or a negative first operand [What is -1/3 - 5/9?].
 
+``add``, ``sub`` and ``mul`` also have a level 0, one-digit operands [What is 7 + 5?, What is 8 - 3?,
+What is 6 * 7?]: the slice a 135M-parameter pretrained model (SmolLM2-135M-Instruct) answers
+correctly some of the time, so GRPO has a signal to reinforce (measured: 41% of its samples correct
+on one-digit addition with the `smollm2-135m` preset's prompt, 0% on two-digit addition).
+
 Reference answers are exact strings in the forms a verifier must handle: integers (``632``),
 negatives (``-345``) and reduced fractions with the sign on the numerator (``-3/4``); never
 ``5/1`` or ``6/8``.
@@ -87,6 +92,9 @@ from lm.chat_template import TEMPLATES
 
 TASKS: tuple[str, ...] = ("add", "sub", "mul", "expr", "linear", "frac")
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
+# Level 0 (one-digit operands) exists for these families only.
+EASY_TASKS: tuple[str, ...] = ("add", "sub", "mul")
+LEVELS: tuple[int, ...] = (0, *DIFFICULTIES)
 DEFAULT_TASK_MIX: dict[str, float] = {t: 1.0 for t in TASKS}
 DEFAULT_DIFFICULTY_MIX: dict[int, float] = {1: 0.3, 2: 0.4, 3: 0.3}
 KINDS: tuple[str, ...] = ("clean", "slip", "untagged", "drift")
@@ -303,7 +311,7 @@ def _parse_atom(tokens: list[str]) -> tuple[Expr, list[str]]:
 
 
 def _gen_add(level: int, rng: random.Random) -> tuple[tuple, str, Fraction]:
-    lo_a, hi_a, lo_b = {1: (10, 99, 10), 2: (100, 999, 10), 3: (1000, 9999, 100)}[level]
+    lo_a, hi_a, lo_b = {0: (1, 9, 1), 1: (10, 99, 10), 2: (100, 999, 10), 3: (1000, 9999, 100)}[level]
     a, b = rng.randint(lo_a, hi_a), rng.randint(lo_b, hi_a)
     if rng.random() < 0.5:
         a, b = b, a
@@ -311,8 +319,8 @@ def _gen_add(level: int, rng: random.Random) -> tuple[tuple, str, Fraction]:
 
 
 def _gen_sub(level: int, rng: random.Random) -> tuple[tuple, str, Fraction]:
-    if level == 1:  # never negative at level 1
-        a, b = rng.randint(10, 99), rng.randint(1, 99)
+    if level <= 1:  # never negative at levels 0 and 1
+        a, b = (rng.randint(1, 9), rng.randint(1, 9)) if level == 0 else (rng.randint(10, 99), rng.randint(1, 99))
         a, b = max(a, b), min(a, b)
     else:
         lo, hi = {2: (10, 999), 3: (100, 9999)}[level]
@@ -323,7 +331,7 @@ def _gen_sub(level: int, rng: random.Random) -> tuple[tuple, str, Fraction]:
 
 
 def _gen_mul(level: int, rng: random.Random) -> tuple[tuple, str, Fraction]:
-    lo, hi = {1: (10, 99), 2: (100, 999), 3: (1000, 9999)}[level]
+    lo, hi = {0: (2, 9), 1: (10, 99), 2: (100, 999), 3: (1000, 9999)}[level]
     a, m = rng.randint(lo, hi), rng.randint(2, 9)
     return (a, m), f"What is {a} * {m}?", Fraction(a * m)
 
@@ -395,11 +403,12 @@ _GENERATORS = {
 
 
 def generate_problem(task: str, difficulty: int, rng: random.Random) -> Problem:
-    """One problem of a task family at a difficulty level (1..3), drawn from `rng`."""
+    """One problem of a task family at a difficulty level (1..3; 0 for EASY_TASKS), drawn from `rng`."""
     if task not in _GENERATORS:
         raise ValueError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
-    if difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    if difficulty not in DIFFICULTIES and not (difficulty == 0 and task in EASY_TASKS):
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES} (or 0 for {', '.join(EASY_TASKS)}), "
+                         f"got {difficulty!r} for {task!r}")
     spec, question, value = _GENERATORS[task](difficulty, rng)
     return Problem(task, difficulty, spec, question, format_answer(value))
 
@@ -413,6 +422,15 @@ def check_mix(mix: Mapping, allowed: Sequence, what: str) -> tuple[list, list[fl
         raise ValueError(f"{what} weights must be >= 0 with a positive sum, got {dict(mix)}")
     keys = [k for k in allowed if mix.get(k, 0) > 0]
     return keys, [float(mix[k]) for k in keys]
+
+
+def check_easy_level(tasks: Sequence[str], levels: Sequence[int]) -> None:
+    """Level 0 (one-digit operands) can only be drawn with tasks that have it (EASY_TASKS)."""
+    if 0 in levels:
+        other = [t for t in tasks if t not in EASY_TASKS]
+        if other:
+            raise ValueError(f"difficulty 0 (one-digit operands) exists only for {', '.join(EASY_TASKS)}; "
+                             f"the task mix also has {', '.join(other)}")
 
 
 _MAX_MISSES = 20_000
@@ -435,7 +453,8 @@ def generate_problems(
             `n` shifts the mix toward roomier cells; 20,000 rejections in a row raise ValueError.
     """
     tasks, task_w = check_mix(task_mix or DEFAULT_TASK_MIX, TASKS, "task")
-    levels, level_w = check_mix(difficulty_mix or DEFAULT_DIFFICULTY_MIX, DIFFICULTIES, "difficulty")
+    levels, level_w = check_mix(difficulty_mix or DEFAULT_DIFFICULTY_MIX, LEVELS, "difficulty")
+    check_easy_level(tasks, levels)
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Problem] = []
@@ -496,7 +515,7 @@ def parse_question(question: str) -> Problem | None:
     m = _RE_BINARY.fullmatch(q)
     if m:
         a, op, b = int(m[1]), m[2], int(m[3])
-        if op == "*" and 2 <= b <= 9 and a >= 10:
+        if op == "*" and 2 <= b <= 9 and a >= 2:
             return Problem("mul", None, (a, b), q, format_answer(a * b))
         if op in "+-":
             return Problem("add" if op == "+" else "sub", None, (a, b), q, format_answer(_OPS[op](a, b)))

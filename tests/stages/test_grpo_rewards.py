@@ -92,3 +92,15 @@ def test_editing_a_reward_file_changes_the_stage_key(tmp_path, monkeypatch):
     assert stage_key("rl_zero", cfg, {"base": "b", "problems": "p"})[0] != before
     plain = load_config("micro")
     assert "external" not in stage_key("rl_zero", plain, {"base": "b", "problems": "p"})[1]
+
+
+def test_a_conversational_prompt_that_opened_think_counts_the_tag_as_written():
+    """chat_think with chat-message problems: the rewards see the prefilled `<think>` as the
+    assistant turn it opened (TRL's continue_final_message form), so the format reward pays."""
+    from stages.grpo import reward_scorer
+
+    p = Problem("a", "What is 2 + 2?", "4", "en", ({"role": "user", "content": "What is 2 + 2?"},))
+    scorer = reward_scorer({"accuracy": 1.0, "format": 0.5})
+    done = "2 + 2 = 4.\n</think>\n<answer>4</answer>"
+    assert scorer([p], ["<|im_start|>assistant\n<think>\n"], [done]).total == [1.5]
+    assert scorer([p], ["<|im_start|>assistant\n"], [done]).total == [1.0]  # no <think> anywhere: malformed

@@ -110,6 +110,28 @@ def test_no_corpus_when_asked_for_none(tmp_path):
     assert not (out / "corpus.parquet").exists() and "corpus_docs" not in s
 
 
+def test_system_prompt_and_few_shot_become_the_prompt_messages(tmp_path):
+    example = {"user": "What is 4 + 3?", "assistant": "<think>\n4 + 3 = 7.\n</think>\n<answer>7</answer>"}
+    out, _ = run(tmp_path, n_train=20, n_test=5, corpus_docs=0, task_mix={"add": 1, "mul": 1},
+                 difficulty_mix={0: 1}, system_prompt="Use the tags.", few_shot=[example])
+    for r in rows(out):
+        assert r["difficulty"] == 0
+        assert r["messages"] == [{"role": "system", "content": "Use the tags."},
+                                 {"role": "user", "content": example["user"]},
+                                 {"role": "assistant", "content": example["assistant"]},
+                                 {"role": "user", "content": r["prompt"]}]
+    plain, _ = run(tmp_path, "plain", n_train=20, n_test=5, corpus_docs=0)
+    assert all(r["messages"] is None for r in rows(plain))
+    with pytest.raises(pydantic.ValidationError, match="only for add, sub, mul"):
+        stage.Config(task_mix={"frac": 1}, difficulty_mix={0: 1})
+
+
+def test_a_row_keeps_its_own_system_turn_and_gets_the_examples_after_it():
+    row = {"prompt": "Q?", "messages": [{"role": "system", "content": "mine"}, {"role": "user", "content": "Q?"}]}
+    got = stage.with_prompt_turns(row, "config's", [stage.FewShot(user="E?", assistant="A")])
+    assert [m["content"] for m in got["messages"]] == ["mine", "E?", "A", "Q?"]
+
+
 # ----------------------------------------------------------------------------------- user files
 
 USER_ROWS = [

@@ -76,9 +76,10 @@ def false_facts(think: str) -> int:
 
 @pytest.fixture(scope="module")
 def problems() -> list[syn.Problem]:
-    # Every (task, level) cell, 40 draws each: 720 problems.
+    # Every (task, level) cell, 40 draws each: 720 problems, plus level 0 of add/sub/mul: 120 more.
     rng = random.Random(7)
-    return [syn.generate_problem(t, d, rng) for t in syn.TASKS for d in syn.DIFFICULTIES for _ in range(40)]
+    cells = [(t, d) for t in syn.TASKS for d in syn.DIFFICULTIES] + [(t, 0) for t in syn.EASY_TASKS]
+    return [syn.generate_problem(t, d, rng) for t, d in cells for _ in range(40)]
 
 
 def test_answers_are_exact_and_canonical(problems):
@@ -203,6 +204,19 @@ def test_bad_requests_are_errors():
         syn.CorpusConfig(slip_rate=0.6, untagged_rate=0.5)
     with pytest.raises(ValueError):
         syn.generate_problem("add", 4, random.Random(0))
+    with pytest.raises(ValueError, match="0 for add, sub, mul"):
+        syn.generate_problem("frac", 0, random.Random(0))
+    with pytest.raises(ValueError, match="only for add, sub, mul; the task mix also has expr"):
+        syn.generate_problems(5, seed=0, task_mix={"add": 1, "expr": 1}, difficulty_mix={0: 1, 1: 1})
+
+
+def test_level_zero_has_one_digit_operands_and_never_a_negative_answer():
+    ps = syn.generate_problems(150, seed=2, task_mix={"add": 1, "sub": 1, "mul": 1}, difficulty_mix={0: 1})
+    assert {p.task for p in ps} == {"add", "sub", "mul"} and {p.difficulty for p in ps} == {0}
+    for p in ps:
+        assert all(1 <= v <= 9 for v in p.spec), p
+        assert not p.answer.startswith("-"), p
+        assert syn.parse_question(p.question).answer == p.answer
 
 
 def test_corpus_noise_kinds_and_rates():
