@@ -41,6 +41,7 @@ from artifacts.store import open_parquet, read_table
 from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_resume as save_resume_state
+from lm.chat_template import r1_system_prompt
 from lm.logprobs import token_logprobs
 from lm.model import MODEL_PRESETS, Transformer
 from lm.tokenizer import ANSWER, ANSWER_END, IM_END, IM_START, THINK, THINK_END, Tokenizer
@@ -118,13 +119,37 @@ class TokenizeReport:
     dropped_prompt_too_long: int = 0
 
 
-def render_prompts(tok: Tokenizer, prompts: Sequence[str], template: str | None) -> list[str]:
+def render_prompts(tok: Tokenizer, prompts: Sequence[str | list[dict[str, str]]], template: str | None) -> list[str]:
     """The prompt text the model sees, rendered as `stages.sampling.encode_prompts` does at sampling
-    time (template None: the prompts are already rendered). An empty question stays empty
-    (rendering would hide the fault) so that tokenisation drops and counts it."""
+    time (template None: the prompts are already rendered). A prompt is a question or chat messages.
+    An empty question stays empty (rendering would hide the fault) so that tokenisation drops and
+    counts it."""
     if template is None:
-        return list(prompts)
-    return [tok.render_prompt(p, template) if p.strip() else "" for p in prompts]
+        return [p if isinstance(p, str) else "" for p in prompts]
+    return [tok.render_prompt(p, template) if not isinstance(p, str) or p.strip() else "" for p in prompts]
+
+
+def file_prompts(path: Path, text: list[str], template: str | None) -> list[str | list[dict[str, str]]]:
+    """The prompts of r1flow's own SFT/preference file as the sampler rendered them: the question
+    (`prompt_text`), or the chat messages (`prompt`) when the problem had more than its question
+    (a system turn of its own, `problems.few_shot` examples, earlier turns of a user's chat data).
+    The system turn holding R1-Zero's instruction that the export adds is left to the template,
+    which adds it back as it did at sampling time."""
+    names = open_parquet(path).schema_arrow.names
+    if template is None or "prompt_text" not in names or "prompt" not in names:
+        return list(text)
+    column = read_table(path, None, columns=["prompt"]).column("prompt").to_pylist()
+    out: list[str | list[dict[str, str]]] = []
+    for question, messages in zip(text, column):
+        if not isinstance(messages, list) or not messages:
+            out.append(question)
+            continue
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if turns[0]["role"] == "system" and turns[0]["content"] == r1_system_prompt():
+            turns = turns[1:]  # the template brings it back (`r1_zero` in its text, `chat` as that turn)
+        only_question = len(turns) == 1 and turns[0]["role"] == "user" and turns[0]["content"].strip() == question.strip()
+        out.append(question if only_question else turns)
+    return out
 
 
 def tokenize_documents(tok: Tokenizer, texts: Iterable[str], max_len: int | None,
@@ -663,7 +688,7 @@ def read_pairs(path: Path, tok: Tokenizer, template: str | None, seq_len: int,
     """
     p, c = plain_text_columns(path, ("prompt", "completion"))
     cols = read_text_columns(path, [p, c], what)
-    prompts = render_prompts(tok, cols[p], template)
+    prompts = render_prompts(tok, file_prompts(path, cols[p], template), template)
     examples, report = tokenize_pairs(tok, prompts, cols[c], seq_len)
     if not examples:
         raise ValueError(f"{path}: none of its {len(prompts)} rows is usable for {what} ({report})")

@@ -305,3 +305,32 @@ def test_config_rejects_unknown_keys_and_templates():
         stage.Config(template="chatml-ish")
     assert stage.INPUTS == ("base", "cold_start")
     assert stage.SCHEMAS["metrics.parquet"].names == ["step", "name", "value"]
+
+
+@pytest.mark.parametrize("template", ["r1_zero_short", "r1_zero", "chat", "chat_think"])
+def test_sft_trains_on_the_prompt_the_sampler_rendered(tmp_path, template):
+    """A problem with more than its question (a system turn, few-shot turns) reaches sft and
+    distill as the sampler rendered it, not as its bare question (the distilled SmolLM2 student
+    was trained without the preset's example turns and evaluated with them: pass@1 2%)."""
+    from stages.lm_training import read_pairs
+    from stages.sampling import Problem, conversational, encode_prompts, messages_type
+    from tests.lm.test_chat_template import SMOLLM2
+
+    pytest.importorskip("jinja2")
+    tok = train_bpe(["User: What is 4 + 3?\nAssistant: <think> 4 + 3 = 7. </think> <answer> 7 </answer>"] * 4, 300)
+    tok.chat_template = SMOLLM2
+    shots = ({"role": "system", "content": "Use the tags."}, {"role": "user", "content": "What is 4 + 3?"},
+             {"role": "assistant", "content": "<think> 4 + 3 = 7. </think> <answer> 7 </answer>"},
+             {"role": "user", "content": "What is 2 + 5?"})
+    problems = [Problem("a", "What is 2 + 5?", "7", "en", shots), Problem("b", "What is 1 + 1?", "2", "en")]
+    rows = [conversational({"prompt": p.prompt, "messages": list(p.messages) or None,
+                            "completion": "<think> so. </think> <answer> 7 </answer>"}, template, ("completion",))
+            for p in problems]
+    schema = pa.schema([("prompt", messages_type()), ("prompt_text", pa.string()), ("completion_text", pa.string())])
+    path = tmp_path / "cold_start.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema), path)
+    examples, _ = read_pairs(path, tok, template, 512, "sft")
+    wanted = encode_prompts(tok, [p.question for p in problems], template)
+    assert len(examples) == 2 and "What is 4 + 3?" in tok.decode([int(i) for i in examples[0].ids])  # the example turn
+    for example, want in zip(examples, wanted):
+        assert list(example.ids[:len(want)]) == want
