@@ -213,7 +213,7 @@ def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
     cols = ["checkpoint", "params", "pass@1", "maj@k", "pass@k", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k",
             "orm_best_of_k", "greedy_accuracy", "format_rate", "language_mix_rate", "mean_length"]
     optional = {"orm_weighted_maj@k", "orm_best_of_k"}  # shown when the run has an ORM
-    cols = [c for c in cols if rows and c in rows[0] and (c not in optional or any(r[c] is not None for r in rows))]
+    cols = [c for c in cols if rows and c in rows[0] and (c not in optional or any(r.get(c) is not None for r in rows))]
     pct = {"pass@1", "maj@k", "weighted_maj@k", "best_of_k", "orm_weighted_maj@k", "orm_best_of_k", "pass@k",
            "greedy_accuracy", "format_rate", "language_mix_rate"}
 

@@ -20,6 +20,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -43,6 +46,16 @@ def replace_section(start: str, end: str, section: str) -> None:
 PLOTS = {"eval.png": "evaluation per checkpoint", "rl_curves.png": "RL curves"}
 
 
+def control_row(rl_dir: Path, label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """An eval-table row from a GRPO stage's last in-training eval (pass@1, format rate, length)."""
+    metrics = pq.read_table(rl_dir / "metrics.parquet").to_pylist()
+    last = max(m["step"] for m in metrics if m["name"] == "eval/pass@1")
+    value = {m["name"]: m["value"] for m in metrics if m["step"] == last}
+    params = next((r.get("params") for r in rows if r["checkpoint"] == "rl_zero"), None)
+    return {"checkpoint": label, "params": params, "pass@1": value["eval/pass@1"],
+            "format_rate": value.get("eval/format_rate"), "mean_length": value.get("eval/mean_length")}
+
+
 def results_section(root: Path, run_id: str, prefix: str = "", control_id: str | None = None) -> str:
     """A run's eval table (plus, with a control run, its rl_zero row after the run's), stage timings
     and plots, the plots copied to docs/<prefix><name>."""
@@ -59,8 +72,12 @@ def results_section(root: Path, run_id: str, prefix: str = "", control_id: str |
     if control_id is not None:
         control = RunStore(root).load(control_id)
         weights = control.config["rl_zero"]["rewards"]
-        extra = [dict(r, checkpoint=f"{r['checkpoint']} (control: accuracy weight {weights.get('accuracy', 0)})")
-                 for r in eval_rows(Path(control.stages["evaluate"].path)) if r["checkpoint"] == "rl_zero"]
+        label = f"rl_zero (control: accuracy weight {weights.get('accuracy', 0)})"
+        if getattr(control.stages.get("evaluate"), "path", None):
+            extra = [dict(r, checkpoint=label) for r in eval_rows(Path(control.stages["evaluate"].path))
+                     if r["checkpoint"] == "rl_zero"]
+        else:  # a control run `--until rl_zero`: its last in-training eval (same test split, k, T)
+            extra = [control_row(Path(control.stages["rl_zero"].path), label + "ᵃ", rows)]
         at = next((i + 1 for i, r in enumerate(rows) if r["checkpoint"] == "rl_zero"), len(rows))
         rows = rows[:at] + extra + rows[at:]
     total = sum(e.seconds or 0 for e in record.stages.values())
@@ -69,7 +86,9 @@ def results_section(root: Path, run_id: str, prefix: str = "", control_id: str |
         f"Run `{run_id}`" + (f" and control run `{control_id}`" if control_id else "")
         + f" (preset `{record.preset}`, seed {record.config['run']['seed']}), {platform.machine()} CPU, "
         f"{total / 60:.1f} min of stage time in all ({timing}).",
-        "pass@1 is the mean over k samples at T=0.6, top-p 0.95 on the held-out test split.",
+        "pass@1 is the mean over k samples at T=0.6, top-p 0.95 on the held-out test split."
+        + (" ᵃ The control's own last rl_zero eval (the same test problems, k and sampling settings); "
+           "– where it measures nothing." if control_id else ""),
         "",
         eval_table_markdown(rows),
     ]
