@@ -45,8 +45,8 @@ from lm.tokenizer import Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, make_optimizer, resolve_device, set_lr
 from stages.context import StageContext
 from stages.dpo_loss import DPO_LOSSES, dpo_loss, sequence_logps
-from stages.lm_training import (BatchPlan, Example, Metrics, collate, file_prompts, lr_schedule, plain_text_columns, render_prompts,
-                                save_resume, start_or_resume, tokenize_pairs)
+from stages.lm_training import (BatchPlan, Example, Metrics, collate, file_prompts, lr_schedule, plain_text_columns,
+                                render_prompts, save_resume, start_or_resume, tokenize_pairs)
 from stages.metrics import METRICS_SCHEMA
 from stages.sampling import find_checkpoint
 
@@ -208,9 +208,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path, ctx: StageContext) -> d
     table = read_table(path, pa.schema([pa.field(c, pa.string()) for c in columns]), columns=columns)
     cols = {n: [v or "" for v in table.column(c).to_pylist()] for n, c in zip(names, columns)}
     max_len = min(cfg.seq_len, policy.config.max_seq_len)
-    pairs, dropped = tokenize_preference_pairs(tok, render_prompts(tok, file_prompts(path, cols["prompt"], cfg.template),
-                                                                   cfg.template),
-                                               cols["chosen"], cols["rejected"], max_len)
+    prompts = render_prompts(tok, file_prompts(path, cols["prompt"], cfg.template), cfg.template)
+    pairs, dropped = tokenize_preference_pairs(tok, prompts, cols["chosen"], cols["rejected"], max_len)
     meta = {"stage": "dpo", "start": start_meta, "loss": cfg.loss, "beta": cfg.beta}
     if not pairs:
         ctx.log(f"dpo: {path} holds no usable pair ({table.num_rows} rows, {dropped} dropped): "

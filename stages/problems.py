@@ -731,8 +731,10 @@ def with_prompt_turns(row: dict[str, Any], system: str | None, examples: list[Fe
     """`row` with `system` as its system turn (unless it has one) and `examples` as user/assistant
     turns before its question (after the system turn)."""
     messages = list(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
-    head = messages[:1] if messages[0]["role"] == "system" else ([{"role": "system", "content": system}] if system else [])
-    messages = messages[1:] if messages[0]["role"] == "system" else messages
+    if messages[0]["role"] == "system":
+        head, messages = messages[:1], messages[1:]
+    else:
+        head = [{"role": "system", "content": system}] if system else []
     turns = [{"role": role, "content": text} for ex in examples for role, text in (("user", ex.user), ("assistant", ex.assistant))]
     return {**row, "messages": head + turns + messages}
 
