@@ -76,3 +76,9 @@ def test_keeping_more_blocks_than_the_model_has_is_an_error():
     ids, mask = _data()
     with pytest.raises(ValueError, match="has 4 blocks"):
         choose_layers.greedy_keep(_model(), ids, mask, 5)
+
+
+def test_a_missing_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "no-checkpoint"
+    assert choose_layers.main([str(missing), str(tmp_path / "traces.parquet"), "--keep", "3"]) == 2
+    assert str(missing) in capsys.readouterr().err
