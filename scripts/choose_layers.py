@@ -36,17 +36,6 @@ sys.path.insert(0, str(REPO))
 from lm.model import Transformer  # noqa: E402
 
 
-def pad_examples(examples: list[tuple[list[int], list[bool]]]) -> tuple[Tensor, Tensor]:
-    """Right-padded token ids [B, T] and a loss mask [B, T] (True where a token is a target)."""
-    T = max(len(ids) for ids, _ in examples)
-    ids = torch.zeros(len(examples), T, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.bool)
-    for i, (row, m) in enumerate(examples):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = torch.tensor(m, dtype=torch.bool)
-    return ids, mask
-
-
 @torch.no_grad()
 def greedy_keep(model: Transformer, ids: Tensor, loss_mask: Tensor, n_keep: int,
                 log: Callable[[dict], None] = lambda _: None) -> list[int]:
@@ -104,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lm.checkpoint import load_checkpoint
-    from stages.lm_training import read_pairs
+    from stages.lm_training import collate, read_pairs
 
     try:
         model, tok = load_checkpoint(args.checkpoint)[:2]
@@ -113,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     picked = examples[::max(1, len(examples) // args.examples)][:args.examples]
-    ids, mask = pad_examples([(list(e.ids), list(e.loss_mask)) for e in picked])
+    batch = collate(picked, pad_id=0)  # right padding: causal attention never lets it reach a real token
     t0 = time.perf_counter()
 
     def log(record: dict) -> None:
         print(json.dumps({**record, "secs": round(time.perf_counter() - t0, 1)}), flush=True)
 
     try:
-        keep = greedy_keep(model, ids, mask, args.keep, log)
+        keep = greedy_keep(model, batch.ids, batch.loss_mask, args.keep, log)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,16 +46,11 @@ def by_checkpoint(run: dict) -> dict[str, dict]:
     return {r["checkpoint"]: r for r in pq.read_table(path).to_pylist()}
 
 
-def final_eval(run: dict, stage: str) -> dict[str, float]:
-    """The last in-training eval of a GRPO stage (eval/pass@1, eval/format_rate, ...)."""
+def rl_eval(run: dict, stage: str, step: int | None = None) -> dict[str, float]:
+    """A GRPO stage's in-training eval at `step` (default: its last) (eval/pass@1, eval/format_rate, ...)."""
     rows = pq.read_table(Path(run["stages"][stage]["path"]) / "metrics.parquet").to_pylist()
-    last = max(r["step"] for r in rows if r["name"] == "eval/pass@1")
-    return {r["name"]: r["value"] for r in rows if r["step"] == last and r["name"].startswith("eval/")}
-
-
-def first_eval(run: dict, stage: str) -> dict[str, float]:
-    rows = pq.read_table(Path(run["stages"][stage]["path"]) / "metrics.parquet").to_pylist()
-    return {r["name"]: r["value"] for r in rows if r["step"] == 0 and r["name"].startswith("eval/")}
+    step = max(r["step"] for r in rows if r["name"] == "eval/pass@1") if step is None else step
+    return {r["name"]: r["value"] for r in rows if r["step"] == step and r["name"].startswith("eval/")}
 
 
 @pytest.mark.slow
@@ -93,8 +88,8 @@ def test_the_control_shows_what_the_accuracy_reward_adds(runs):
     main, control = runs
     assert control["stages"]["rl_zero"]["status"] in ("ran", "cached")
     assert control["stages"]["rl_zero"]["summary"]["steps"] == main["stages"]["rl_zero"]["summary"]["steps"]
-    zero, ctrl = final_eval(main, "rl_zero"), final_eval(control, "rl_zero")
-    assert first_eval(control, "rl_zero") == first_eval(main, "rl_zero") | {
-        "eval/reward_mean": first_eval(control, "rl_zero")["eval/reward_mean"]}  # the same base, measured alike
+    zero, ctrl = rl_eval(main, "rl_zero"), rl_eval(control, "rl_zero")
+    assert rl_eval(control, "rl_zero", 0) == rl_eval(main, "rl_zero", 0) | {
+        "eval/reward_mean": rl_eval(control, "rl_zero", 0)["eval/reward_mean"]}  # the same base, measured alike
     assert ctrl["eval/format_rate"] >= 0.80 and zero["eval/format_rate"] >= 0.80
     assert zero["eval/pass@1"] >= ctrl["eval/pass@1"] + 0.05

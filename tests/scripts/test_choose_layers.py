@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from lm.model import ModelConfig, Transformer
+import numpy as np
+
 from stages.distill import prune_layers
+from stages.lm_training import Example, collate
 
 _spec = importlib.util.spec_from_file_location(
     "choose_layers", Path(__file__).resolve().parents[2] / "scripts" / "choose_layers.py")
@@ -24,7 +27,8 @@ def _model(n_layers: int = 4) -> Transformer:
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 40, (n,), generator=g).tolist() for n in (12, 9, 7)]
-    return choose_layers.pad_examples([(r, [i >= 3 for i in range(len(r))]) for r in rows])
+    batch = collate([Example(np.array(r), np.arange(len(r)) >= 3) for r in rows], pad_id=0)
+    return batch.ids, batch.loss_mask
 
 
 def _pruned_loss(model: Transformer, keep: list[int], ids: torch.Tensor, mask: torch.Tensor) -> float:
