@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lm.model import Transformer
 
-__all__ = ["token_logprobs", "padding_layout", "completion_logprobs", "PrefixBatch", "PromptKV", "SharedPrefixKV"]
+__all__ = ["token_logprobs", "sequence_hidden", "shared_prefix_length", "padding_layout", "completion_logprobs", "PrefixBatch", "PromptKV", "SharedPrefixKV"]
 
 # Logits elements per chunk (rows x vocab): 4M floats = 16 MB in fp32.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -48,9 +48,7 @@ def token_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor
         [B, T] float32 log-probs, 0.0 wherever completion_mask is false (and at t = 0).
     """
     B, T = input_ids.shape
-    attn = attention_mask.bool()  # [B, T]
-    positions, key_mask = padding_layout(attn)  # [B, T] | None each
-    hidden = model(input_ids, positions=positions, key_mask=key_mask, return_hidden=True)  # [B, T, D]
+    hidden = sequence_hidden(model, input_ids, attention_mask)  # [B, T, D]
     score = completion_mask.bool().clone()  # [B, T]
     score[:, 0] = False
     rows = hidden[:, :-1][score[:, 1:]]  # [N, D] states that predict a scored token
@@ -94,6 +92,45 @@ def _chunk_logprobs(h: Tensor, targets: Tensor, weight: Tensor, temperature: flo
         logits = logits / temperature
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # [n]
     return picked - torch.logsumexp(logits, dim=-1)  # [n]
+
+
+# A right-padded batch whose rows open with the same tokens runs them once when that saves at least
+# this share of its positions (a chat template's system turn and examples before short answers).
+SHARED_PREFIX_MIN_SAVING = 0.25
+
+
+def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """How many leading tokens every row of a right-padded batch has in common (real in every row,
+    and at most the shortest row's length - 1, so each row keeps a token of its own)."""
+    lengths = attention_mask.sum(dim=1)  # [B]
+    limit = int(lengths.min()) - 1
+    if limit <= 0:
+        return 0
+    differs = (input_ids[:, :limit] != input_ids[:1, :limit]).any(dim=0)  # [limit]
+    return int(differs.int().argmax()) if bool(differs.any()) else limit
+
+
+def sequence_hidden(model: Transformer, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The final normed hidden states [B, T, D] of a batch (padding on either end, as in
+    `token_logprobs`).
+
+    A right-padded batch whose rows share their first Lp tokens (an SFT or distillation batch under a
+    chat template with a system prompt) runs that prefix once and every row's rest against its
+    keys/values (`SharedPrefixKV`), when that skips at least `SHARED_PREFIX_MIN_SAVING` of the
+    positions: the same states to fp32 rounding (tested, with gradients), B·T - (B-1)·Lp positions
+    through the model instead of B·T.
+    """
+    B, T = input_ids.shape
+    attn = attention_mask.bool()  # [B, T]
+    positions, key_mask = padding_layout(attn)  # [B, T] | None each
+    Lp = shared_prefix_length(input_ids, attn) if positions is None and B > 1 else 0
+    if (B - 1) * Lp < SHARED_PREFIX_MIN_SAVING * B * T:
+        return model(input_ids, positions=positions, key_mask=key_mask, return_hidden=True)  # [B, T, D]
+    prompt_kv = PromptKV()
+    hp = model(input_ids[:1, :Lp], cache=prompt_kv, return_hidden=True)  # [1, Lp, D]
+    group = torch.zeros(B, dtype=torch.long, device=input_ids.device)  # [B] every row reads prefix 0
+    hs = model(input_ids[:, Lp:], cache=SharedPrefixKV(prompt_kv, group), return_hidden=True)  # [B, T-Lp, D]
+    return torch.cat([hp.expand(B, -1, -1), hs], dim=1)  # [B, T, D]
 
 
 def padding_layout(attention_mask: Tensor) -> tuple[Tensor | None, Tensor | None]:

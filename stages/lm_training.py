@@ -42,7 +42,7 @@ from lm import distributed
 from lm.checkpoint import load_resume as load_resume_state
 from lm.checkpoint import save_resume as save_resume_state
 from lm.chat_template import r1_system_prompt
-from lm.logprobs import token_logprobs
+from lm.logprobs import sequence_hidden, token_logprobs
 from lm.model import MODEL_PRESETS, Transformer
 from lm.tokenizer import ANSWER, ANSWER_END, IM_END, IM_START, THINK, THINK_END, Tokenizer
 from lm.train import autocast_context, check_finite, clip_grad, lr_at, set_lr
@@ -401,11 +401,11 @@ def distill_loss_sum(student: Transformer, teacher: Transformer, batch: Batch, *
     score[:, 0] = False
     rows = score[:, 1:]  # [B, T-1] positions t whose next token is a target
     targets = batch.ids[:, 1:][rows]  # [N]
-    h_s = student(batch.ids, return_hidden=True)[:, :-1][rows]  # [N, D_s]
+    h_s = sequence_hidden(student, batch.ids, batch.attention)[:, :-1][rows]  # [N, D_s]
     logits_s = student.logits(h_s).float()  # [N, V]
     ce = F.cross_entropy(logits_s, targets, reduction="sum")
     with torch.no_grad():
-        h_t = teacher(batch.ids, return_hidden=True)[:, :-1][rows]  # [N, D_t]
+        h_t = sequence_hidden(teacher, batch.ids, batch.attention)[:, :-1][rows]  # [N, D_t]
         logits_t = teacher.logits(h_t).float()  # [N, V]
     return ce + kd_weight * kd_kl_sum(logits_s, logits_t, temperature)
 

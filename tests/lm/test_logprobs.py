@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from lm.logprobs import padding_layout, token_logprobs
+from lm import logprobs
+from lm.logprobs import padding_layout, sequence_hidden, shared_prefix_length, token_logprobs
 
 
 def _naive(model, ids):
@@ -68,3 +69,57 @@ def test_chunking_changes_nothing_including_gradients(make_model):
     torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+def _prefix_batch(B=4, Lp=10, T=16, seed=3):
+    """B right-padded rows that open with the same Lp tokens, then tokens of their own."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (B, T), generator=g)
+    ids[:, :Lp] = ids[0, :Lp]
+    attn = torch.ones(B, T, dtype=torch.bool)
+    for r in range(B):
+        attn[r, T - r:] = False  # row r has T - r real tokens
+    ids[~attn] = 0
+    comp = attn.clone()
+    comp[:, :Lp] = False
+    return ids, attn, comp
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_and_leaves_each_row_a_token():
+    ids, attn, _ = _prefix_batch(B=3, Lp=10, T=16)
+    assert shared_prefix_length(ids, attn) == 10
+    same = ids[:1].repeat(3, 1)  # identical rows: capped at the shortest row's length - 1
+    assert shared_prefix_length(same, attn) == 13
+    ids[2, 4] = (ids[0, 4] + 1) % 96
+    assert shared_prefix_length(ids, attn) == 4
+
+
+def test_a_shared_prefix_runs_once_with_the_same_values_and_gradients(make_model, monkeypatch):
+    ids, attn, comp = _prefix_batch(B=4, Lp=10, T=16)
+    seen, values, grads = [], [], []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(logprobs, "SHARED_PREFIX_MIN_SAVING", 2.0)  # never worth it: off
+        model = make_model().train()
+        hook = model.tok_embeddings.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+        lp = token_logprobs(model, ids, attn, comp)
+        (lp.sum() / comp.sum()).backward()
+        hook.remove()
+        values.append(lp.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert seen == [10, 4 * 6, 4 * 16]  # shared: the prefix once, then each row's rest; unshared: all
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    assert (values[0][~comp] == 0).all() and (values[0][comp] < 0).all()
+
+
+def test_left_padded_or_short_prefix_batches_run_whole(make_model):
+    model = make_model()
+    ids, attn, comp = _prefix_batch(B=4, Lp=2, T=16)  # 3 x 2 positions saved of 64: not worth it
+    left = torch.flip(ids, [1]), torch.flip(attn, [1])
+    seen = []
+    model.tok_embeddings.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        sequence_hidden(model, ids, attn)
+        sequence_hidden(model, *left)
+    assert seen == [(4, 16), (4, 16)]

@@ -201,6 +201,19 @@ def test_distill_loss_is_cross_entropy_plus_weighted_kl():
     assert torch.allclose(with_kd, ce + 0.5 * kl, atol=1e-4) and kl > 0
 
 
+def test_kd_loss_with_a_shared_prompt_prefix_equals_the_whole_batch_forward(monkeypatch):
+    torch.manual_seed(0)
+    student = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    teacher = Transformer(ModelConfig(vocab_size=40, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    prompt = np.arange(3, 15)  # 12 tokens every row opens with (a system turn), then its own tokens
+    rows = [np.r_[prompt, np.arange(20, 20 + n)] for n in (2, 3, 4)]
+    batch = collate([Example(r, np.r_[np.zeros(12, bool), np.ones(len(r) - 12, bool)]) for r in rows], pad_id=0)
+    shared = distill_loss_sum(student, teacher, batch, kd_weight=0.5, temperature=2.0)
+    monkeypatch.setattr("lm.logprobs.SHARED_PREFIX_MIN_SAVING", 2.0)  # off: every row runs whole
+    whole = distill_loss_sum(student, teacher, batch, kd_weight=0.5, temperature=2.0)
+    assert torch.allclose(shared, whole, atol=1e-5) and whole > 0
+
+
 def test_kd_trains_a_student(tmp_path, inputs):
     out, s = run_distill(tmp_path, inputs, kd_weight=1.0, kd_temperature=2.0, baseline=False)
     assert math.isfinite(s["micro.final_loss"]) and (out / "students" / "micro").is_dir()
