@@ -14,8 +14,9 @@ Prints one JSON line per round (the removed block, the loss without it, every ca
 a last line `{"keep_layers": [...]}` to paste into the config. Use training traces (the
 rejection_sampling stage's `reasoning_sft.parquet`), never test problems. On SmolLM2-135M (30
 blocks, 12 traces) it takes ~12 min on 2 CPU cores. In the smollm2-135m preset the student with
-the 15 blocks this search picked (and KD) scored 13.1% test pass@1 where every other block (SFT only) scored
-7.5% (README "On a real model"; both far from the teacher's 96%).
+the 15 blocks this search picked (and KD) scored 13.1% test pass@1 after 120 steps and 30.6% after
+240, where every other block (SFT only, 120 steps) scored 7.5% (README "On a real model"; all far
+from the teacher's 96%).
 """
 from __future__ import annotations
 

@@ -2,13 +2,12 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lm.model import ModelConfig, Transformer
-import numpy as np
-
 from stages.distill import prune_layers
 from stages.lm_training import Example, collate
 
