@@ -230,6 +230,7 @@ class KVCache:
     position `pos` (prompts are left-padded to a common length), so one slice assignment per layer
     stores a step for the whole batch; no tensor is concatenated or reallocated while decoding.
     `Transformer.forward` writes layer by layer and advances `pos` after its last layer.
+    `keep_rows` drops finished sequences: the cache then serves the first `rows` of its batch.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -238,6 +239,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, hd]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, hd]
         self.pos = 0
+        self.rows = batch_size  # the live rows: the first `rows` of the batch
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int, *,
@@ -258,15 +260,24 @@ class KVCache:
     def reset(self) -> None:
         """Forget the contents; stale values past `pos` are never read, so no zeroing is needed."""
         self.pos = 0
+        self.rows = self.batch_size
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store `k, v` ([B, Hkv, T, hd]) at `pos` and return views of all keys/values so far."""
-        end = self.pos + k.shape[2]
+        """Store `k, v` ([rows, Hkv, T, hd]) at `pos` and return views of all keys/values so far."""
+        end, n = self.pos + k.shape[2], self.rows
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # [B, Hkv, end, hd] each
+        self.k[layer, :n, :, self.pos:end] = k
+        self.v[layer, :n, :, self.pos:end] = v
+        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]  # [rows, Hkv, end, hd] each
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the live rows `rows` ([n] ascending indices), moved to the front of the batch:
+        one copy of their `pos` cached positions, after which each step reads and writes n rows."""
+        end = self.pos
+        self.k[:, :len(rows), :, :end] = self.k[:, rows, :, :end]  # [L, n, Hkv, pos, hd]
+        self.v[:, :len(rows), :, :end] = self.v[:, rows, :, :end]
+        self.rows = len(rows)
 
     def advance(self, n: int) -> None:
         self.pos += n

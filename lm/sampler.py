@@ -26,6 +26,11 @@ ops) and vLLM's `SamplingParams` vocabulary. How it runs:
 - A sequence stops at the tokenizer's end-of-text id, any of `stop_token_ids`, or once its text
   contains one of `stop_strings`; the stopping token is kept in `token_ids` (so trainers learn to
   stop) and `finish_reason` is "stop", else "length". Decoding ends when every row has stopped.
+- Finished rows stop costing compute: once a quarter of the batch has stopped, those rows are
+  dropped from the batch and the KV cache (one copy of the live rows' cache; at most ~log_4/3(B)
+  times a call). Noise is still drawn for the whole batch and each row takes its own, so a row
+  samples the same tokens with or without dropping (up to the matmuls' rounding at another
+  batch size).
 """
 from __future__ import annotations
 
@@ -92,7 +97,8 @@ class Sampler(Protocol):
 class RowStreams:
     """Uniform noise from one `torch.Generator` per distinct seed, each feeding the rows that carry
     that seed (in row order). A stream's draws depend only on its own rows, so a group of rows
-    samples the same tokens in any batch, alone or beside other groups."""
+    samples the same tokens in any batch, alone or beside other groups. One seed for every row is
+    one `torch.Generator` drawing the whole [B, V] block."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str) -> None:
         rows: dict[int, list[int]] = {}
@@ -102,12 +108,16 @@ class RowStreams:
         self.streams = [(torch.tensor(r, device=device), torch.Generator(device=device).manual_seed(s))
                         for s, r in rows.items()]
 
-    def rand(self, shape: torch.Size, device: torch.device) -> Tensor:
-        """[B, V] uniform noise in [0, 1), B = the number of rows."""
-        u = torch.empty(shape, device=device)  # [B, V]
-        for idx, g in self.streams:
-            u.index_copy_(0, idx, torch.rand((len(idx), *shape[1:]), generator=g, device=device))
-        return u
+    def rand(self, vocab: int, device: torch.device, rows: Tensor | None = None) -> Tensor:
+        """[B, V] uniform noise in [0, 1) for the B rows, or for `rows` only ([n, V], the noise
+        those rows get in the full draw: dropping finished rows changes no row's sample)."""
+        if len(self.streams) == 1:
+            u = torch.rand((self.n, vocab), generator=self.streams[0][1], device=device)  # [B, V]
+        else:
+            u = torch.empty((self.n, vocab), device=device)  # [B, V]
+            for idx, g in self.streams:
+                u.index_copy_(0, idx, torch.rand((len(idx), vocab), generator=g, device=device))
+        return u if rows is None else u[rows]  # [B|n, V]
 
 
 def completion_text(tokenizer: Tokenizer, generation: Generation) -> str:
@@ -119,14 +129,15 @@ def completion_text(tokenizer: Tokenizer, generation: Generation) -> str:
     return tokenizer.decode(ids)
 
 
-def sample_next(logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | RowStreams | None) -> tuple[Tensor, Tensor]:
+def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | RowStreams | None,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Draw one token per row.
 
     Args:
         logits: [B, V] next-token logits.
         params: temperature / top_k / top_p.
         generator: randomness source (unused when greedy): one generator, or `RowStreams`.
+        rows: with `RowStreams`, which of its rows the logits' rows are (the rest have finished).
 
     Returns:
         tokens [B] (long) and their log-probs [B] (fp32) under log_softmax(logits) at temperature 1.
@@ -145,7 +156,7 @@ def sample_next(logits: Tensor, params: SamplingParams,
         # Gumbel-max: argmax(scores + G), G = -log(-log U), is a sample from softmax(scores).
         # (Drawing U with rand is ~5x faster on CPU than exponential_.)
         if isinstance(generator, RowStreams):
-            u = generator.rand(scores.shape, scores.device)  # [B, V] in [0, 1)
+            u = generator.rand(scores.shape[1], scores.device, rows)  # [B, V] in [0, 1)
         else:
             u = torch.rand(scores.shape, generator=generator, device=scores.device)  # [B, V] in [0, 1)
         gumbel = u.log_().neg_().log_()  # [B, V] -log(-log U), in place: V is ~50k for real vocabularies
@@ -185,6 +196,10 @@ class _StopStrings:
             self.tails[row] = text[-self.keep:] if self.keep else b""
         return out
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Follow the batch when finished rows are dropped: row i becomes rows[i]."""
+        self.tails = [self.tails[r] for r in rows]
+
 
 class TorchSampler:
     """The plain-torch `Sampler`: batched generation with a preallocated `KVCache`.
@@ -201,7 +216,8 @@ class TorchSampler:
             (`Transformer.fused_inference(keep=True)`, which still repacks if a weight changes).
     """
 
-    dedupe_prompts: bool = True  # class-wide switch (tests compare both paths)
+    dedupe_prompts: bool = True  # class-wide switches (tests compare both paths)
+    drop_finished: bool = True
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *, use_cache: bool = True,
                  max_batch_size: int = 64, frozen: bool = False) -> None:
@@ -251,24 +267,27 @@ class TorchSampler:
 
         tokens, key_mask, positions = _left_pad(prompts, P + N, self._pad_id(), device)  # [B, P+N] each
         padded = any(len(p) != P for p in prompts)
-        generator = (torch.Generator(device=device).manual_seed(seed) if isinstance(seed, int)
-                     else RowStreams(seed, device))
+        streams = RowStreams([seed] * B if isinstance(seed, int) else seed, device)
         stop_ids = self._stop_ids(params, device)  # [S]
         stop_text = _StopStrings(self.tokenizer, params.stop_strings, B) if params.stop_strings else None
 
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
-        length = torch.full((B,), N, dtype=torch.long, device=device)  # [B] tokens kept per row
-        out_lp = torch.zeros(B, N, dtype=torch.float32, device=device)  # [B, N]
+        # The working batch: its row i is prompt orig[i]. Once a quarter of it has finished, the
+        # finished rows are stored and dropped (from the cache too), so decoding stops paying for them.
+        orig = torch.arange(B, device=device)  # [b]
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # [b]
+        length = torch.full((B,), N, dtype=torch.long, device=device)  # [b] tokens kept per row
+        out_lp = torch.zeros(B, N, dtype=torch.float32, device=device)  # [b, N]
         cache = self._get_cache(B, P + N, device) if self.use_cache else None
+        results: dict[int, Generation] = {}
 
-        logits = self._prefill(prompts, tokens, key_mask, positions, padded, cache, P)  # [B, V]
+        logits = self._prefill(prompts, tokens, key_mask, positions, padded, cache, P)  # [b, V]
         steps = 0
         for j in range(N):
-            nxt, lp = sample_next(logits, params, generator)  # [B], [B]
+            nxt, lp = sample_next(logits, params, streams, orig if len(orig) < B else None)  # [b], [b]
             tokens[:, P + j] = nxt
             out_lp[:, j] = lp
             steps = j + 1
-            newly = torch.isin(nxt, stop_ids) & ~done if stop_ids.numel() else None  # [B]
+            newly = torch.isin(nxt, stop_ids) & ~done if stop_ids.numel() else None  # [b]
             if stop_text is not None:
                 hit_rows = stop_text.hits(nxt.tolist(), done.tolist())
                 if hit_rows:
@@ -276,13 +295,24 @@ class TorchSampler:
                     extra[hit_rows] = True
                     newly = (extra & ~done) if newly is None else (newly | (extra & ~done))
             if newly is not None:
-                length = torch.where(newly, j + 1, length)  # [B]
+                length = torch.where(newly, j + 1, length)  # [b]
                 done |= newly
-                if bool(done.all()):
+                n_done = int(done.sum())
+                if n_done == len(done):
                     break
+                if self.drop_finished and j + 1 < N and 4 * n_done >= len(done):
+                    self._store(results, prompts, orig, tokens[:, P:P + steps], out_lp, length, done, done)
+                    keep = (~done).nonzero().squeeze(1)  # [b'] ascending
+                    tokens, key_mask, positions = tokens[keep], key_mask[keep], positions[keep]
+                    orig, out_lp, length, done = orig[keep], out_lp[keep], length[keep], done[keep]
+                    if cache is not None:
+                        cache.keep_rows(keep)
+                    if stop_text is not None:
+                        stop_text.keep_rows(keep.tolist())
             if j + 1 < N:
                 logits = self._next_logits(tokens, key_mask, positions, padded, cache, P + j, P + j + 1)
-        return self._collect(prompts, tokens[:, P:P + steps], out_lp[:, :steps], length, done)
+        self._store(results, prompts, orig, tokens[:, P:P + steps], out_lp, length, done, None)
+        return [results[row] for row in range(B)]
 
     def _prefill(self, prompts: list[list[int]], tokens: Tensor, key_mask: Tensor, positions: Tensor, padded: bool,
                  cache: KVCache | None, P: int) -> Tensor:
@@ -321,15 +351,17 @@ class TorchSampler:
                        return_hidden=True)  # [B, end-start, D]
         return self.model.logits(h[:, -1])  # [B, V]
 
-    def _collect(self, prompts: list[list[int]], new: Tensor, lp: Tensor, length: Tensor,
-                 done: Tensor) -> list[Generation]:
-        new_l, lp_l, len_l, done_l = new.tolist(), lp.tolist(), length.tolist(), done.tolist()
-        gens = []
-        for row, prompt in enumerate(prompts):
+    @staticmethod
+    def _store(results: dict[int, Generation], prompts: list[list[int]], orig: Tensor, new: Tensor, lp: Tensor,
+               length: Tensor, done: Tensor, which: Tensor | None) -> None:
+        """Record the `Generation` of each working row in `which` ([b] bool; None = every row):
+        its first `length` tokens of `new` ([b, steps]) and their log-probs (`lp` [b, >= steps])."""
+        rows = range(len(orig)) if which is None else which.nonzero().squeeze(1).tolist()
+        orig_l, new_l, lp_l, len_l, done_l = orig.tolist(), new.tolist(), lp.tolist(), length.tolist(), done.tolist()
+        for row in rows:
             n = min(len_l[row], len(new_l[row]))
-            gens.append(Generation(prompt_ids=list(prompt), token_ids=new_l[row][:n], logprobs=lp_l[row][:n],
-                                   finish_reason="stop" if done_l[row] else "length"))
-        return gens
+            results[orig_l[row]] = Generation(prompt_ids=list(prompts[orig_l[row]]), token_ids=new_l[row][:n],
+                                              logprobs=lp_l[row][:n], finish_reason="stop" if done_l[row] else "length")
 
     def _get_cache(self, batch: int, max_len: int, device: torch.device) -> KVCache:
         """Reuse the last cache when the batch fits in it; allocate otherwise."""

@@ -222,3 +222,48 @@ def test_a_repeated_prompt_is_prefilled_once_and_samples_as_before(make_model, m
     for a, b in zip(shared, every):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     assert len({tuple(g.token_ids) for g in shared[:3]}) > 1  # the copies still sample apart
+
+
+@pytest.mark.parametrize("seed", [5, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]], ids=["one seed", "per-row seeds"])
+def test_finished_rows_are_dropped_and_every_row_samples_as_before(make_model, tokenizer, monkeypatch, seed):
+    """Once a quarter of the batch has stopped, decoding runs (and caches) only the live rows;
+    each row still draws its own noise from the whole batch's stream, so the tokens, log-probs and
+    finish reasons are those of decoding every row to the end."""
+    model = make_model(vocab_size=tokenizer.vocab_size)
+    prompts = [tokenizer.encode(q) for q in ("User: 2 + 3?\nAssistant:", "1 + 1", "User: What is 9 x 9?")] * 4
+    free = TorchSampler(model, tokenizer).generate(prompts, SamplingParams(24, temperature=1.0), seed)
+    stops = tuple(sorted({g.token_ids[i] for g in free for i in (3, 9) if i < len(g.token_ids)}))  # varied stops
+    text = tokenizer.decode(free[0].token_ids[5:7])
+    params = SamplingParams(24, temperature=1.0, stop_token_ids=stops, stop_strings=(text,) if text.strip() else ())
+    rows_seen: list[int] = []  # rows of each decoding step (one new token per row)
+    model.register_forward_pre_hook(lambda m, args: rows_seen.append(args[0].shape[0]) if args[0].shape[1] == 1
+                                    else None)
+    dropped = TorchSampler(model, tokenizer).generate(prompts, params, seed)
+    steps_dropping, rows_seen[:] = rows_seen[:], []
+    monkeypatch.setattr(TorchSampler, "drop_finished", False)
+    kept = TorchSampler(model, tokenizer).generate(prompts, params, seed)
+    assert len(steps_dropping) == len(rows_seen)  # the same number of steps
+    assert min(steps_dropping) < len(prompts)  # it shrank its batch
+    assert set(rows_seen) == {len(prompts)}  # the other one never did
+    assert [g.token_ids for g in dropped] == [g.token_ids for g in kept]
+    assert [g.finish_reason for g in dropped] == [g.finish_reason for g in kept]
+    assert {g.finish_reason for g in kept} == {"stop", "length"} or all(g.finish_reason == "stop" for g in kept)
+    for a, b in zip(dropped, kept):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_kv_cache_keep_rows_moves_the_live_rows_to_the_front(make_model):
+    """Decoding the kept rows from a compacted cache gives the logits of decoding them alone."""
+    model = make_model()
+    rows = torch.tensor([0, 2, 3])
+    tokens = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(0))
+    cache = KVCache.for_model(model.config, 4, 8)
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache)
+        cache.keep_rows(rows)
+        step = model(tokens[rows, 5:], cache=cache)[:, -1]  # [3, V]
+        alone = model(tokens[rows])[:, -1]  # [3, V]
+    assert cache.rows == 3 and cache.pos == 6
+    torch.testing.assert_close(step, alone, atol=1e-5, rtol=0)
+    cache.reset()
+    assert cache.rows == 4 and cache.pos == 0
