@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lm.model import Transformer
 
-__all__ = ["token_logprobs", "sequence_hidden", "shared_prefix_length", "padding_layout", "completion_logprobs", "PrefixBatch", "PromptKV", "SharedPrefixKV"]
+__all__ = ["token_logprobs", "sequence_hidden", "shared_prefix_length", "packing", "padding_layout", "completion_logprobs",
+           "PrefixBatch", "PromptKV", "SharedPrefixKV"]
 
 # Logits elements per chunk (rows x vocab): 4M floats = 16 MB in fp32.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -39,7 +40,7 @@ def token_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor
             (no holes inside a row); left padding gets rotary positions that start at 0 on the
             first real token, so a left-padded row scores exactly like the unpadded sequence.
         completion_mask: [B, T] 1/True on the tokens to score (typically the completion's tokens).
-            Position 0 has no context and is never scored.
+            Position 0 and each row's first real token have no context and are never scored.
         temperature: logits are divided by it before log_softmax (1.0 = the model's distribution,
             what `TorchSampler` reports; pass the sampling temperature to match TRL's convention).
         chunk_elements: rows x vocab projected at once.
@@ -51,6 +52,7 @@ def token_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor
     hidden = sequence_hidden(model, input_ids, attention_mask)  # [B, T, D]
     score = completion_mask.bool().clone()  # [B, T]
     score[:, 0] = False
+    score[:, 1:] &= attention_mask[:, :-1].bool()  # a row's first real token has no context either
     rows = hidden[:, :-1][score[:, 1:]]  # [N, D] states that predict a scored token
     targets = input_ids[:, 1:][score[:, 1:]]  # [N]
     values = target_logprobs(model, rows, targets, temperature=temperature, chunk_elements=chunk_elements)  # [N]
@@ -97,6 +99,15 @@ def _chunk_logprobs(h: Tensor, targets: Tensor, weight: Tensor, temperature: flo
 # A right-padded batch whose rows open with the same tokens runs them once when that saves at least
 # this share of its positions (a chat template's system turn and examples before short answers).
 SHARED_PREFIX_MIN_SAVING = 0.25
+# A batch whose padding is at least this share of its positions runs its real tokens only
+# (`Transformer.forward(packed=...)`): GRPO's completions are padded to the longest of 64.
+PACK_MIN_PADDING = 0.1
+
+
+def packing(real: Tensor) -> Tensor | None:
+    """`real` ([B, T] bool) as `Transformer.forward`'s `packed` argument when padding is at least
+    `PACK_MIN_PADDING` of the positions, else None (the padded batch is cheaper to run as it is)."""
+    return real if float(real.sum()) <= (1 - PACK_MIN_PADDING) * real.numel() else None
 
 
 def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
@@ -125,11 +136,13 @@ def sequence_hidden(model: Transformer, input_ids: Tensor, attention_mask: Tenso
     positions, key_mask = padding_layout(attn)  # [B, T] | None each
     Lp = shared_prefix_length(input_ids, attn) if positions is None and B > 1 else 0
     if (B - 1) * Lp < SHARED_PREFIX_MIN_SAVING * B * T:
-        return model(input_ids, positions=positions, key_mask=key_mask, return_hidden=True)  # [B, T, D]
+        return model(input_ids, positions=positions, key_mask=key_mask, return_hidden=True,
+                     packed=packing(attn))  # [B, T, D]
     prompt_kv = PromptKV()
     hp = model(input_ids[:1, :Lp], cache=prompt_kv, return_hidden=True)  # [1, Lp, D]
     group = torch.zeros(B, dtype=torch.long, device=input_ids.device)  # [B] every row reads prefix 0
-    hs = model(input_ids[:, Lp:], cache=SharedPrefixKV(prompt_kv, group), return_hidden=True)  # [B, T-Lp, D]
+    hs = model(input_ids[:, Lp:], cache=SharedPrefixKV(prompt_kv, group), return_hidden=True,
+               packed=packing(attn[:, Lp:]))  # [B, T-Lp, D]
     return torch.cat([hp.expand(B, -1, -1), hs], dim=1)  # [B, T, D]
 
 
@@ -215,7 +228,7 @@ def completion_logprobs(model: Transformer, b: PrefixBatch, chunk_elements: int 
     c_pos = c_pos.clamp(max=model.config.max_seq_len - 1)  # only padding can pass the end
     key_mask = torch.cat([b.prompt_mask[b.group], b.completion_real], dim=1)  # [N, Lp+Lc]
     hc = model(b.completion_ids, positions=c_pos, key_mask=key_mask, cache=SharedPrefixKV(prompt_kv, b.group),
-               return_hidden=True)  # [N, Lc, D]
+               return_hidden=True, packed=packing(b.completion_real))  # [N, Lc, D]
     # token t is predicted by the state before it: the prompt's last state for t = 0
     pred = torch.cat([hp[:, -1][b.group].unsqueeze(1), hc[:, :-1]], dim=1)  # [N, Lc, D]
     rows, targets = pred[b.completion_real], b.completion_ids[b.completion_real]  # [n, D], [n]

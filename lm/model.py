@@ -19,6 +19,10 @@ Departures from Meta's file, and why:
   gate/up concatenated (fewer, larger matmuls per decoded token) and, on CPU, pre-packed for
   oneDNN (about 2x faster than MKL at decoding shapes). Training always uses the plain modules,
   so the parameters, their names and LoRA wrapping are untouched.
+- `forward(..., packed=real)` skips padding: embeddings, norms, projections and the feed-forward
+  run on the real tokens only ([n, D], the "unpadded" layout of FlashAttention's varlen path),
+  and only attention sees the padded [B, T] layout. Trainers use it when padding is a large share
+  of a batch (GRPO's completions padded to the longest one).
 """
 from __future__ import annotations
 
@@ -407,18 +411,20 @@ class Attention(nn.Module):
         self.fast: tuple[InferenceLinear, InferenceLinear] | None = None
 
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, is_causal: bool,
-                cache: Cache | None) -> Tensor:
-        B, T, _ = x.shape
+                cache: Cache | None, layout: Packing | None = None) -> Tensor:
+        """x: [B, T, D], or [n, D] real tokens only with `layout` (then returns [n, D])."""
+        B, T = (layout.B, layout.T) if layout is not None else x.shape[:2]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         wo = self.wo if self.fast is None else self.fast[1]
+        pad = layout.unpack if layout is not None else (lambda t: t)  # [n, F] -> [B, T, F]
         if self.fast is not None:  # one matmul, and one rotation for q and k together
-            qkv = self.fast[0](x).view(B, T, H + 2 * Hkv, hd)  # [B, T, H + 2 Hkv, hd]
+            qkv = pad(self.fast[0](x)).view(B, T, H + 2 * Hkv, hd)  # [B, T, H + 2 Hkv, hd]
             qk = apply_rope(qkv[:, :, :H + Hkv], freqs)  # [B, T, H + Hkv, hd]
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]  # [B, T, H|Hkv|Hkv, hd]
         else:
-            q = apply_rope(self.wq(x).view(B, T, H, hd), freqs)  # [B, T, H, hd]
-            k = apply_rope(self.wk(x).view(B, T, Hkv, hd), freqs)  # [B, T, Hkv, hd]
-            v = self.wv(x).view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+            q = apply_rope(pad(self.wq(x)).view(B, T, H, hd), freqs)  # [B, T, H, hd]
+            k = apply_rope(pad(self.wk(x)).view(B, T, Hkv, hd), freqs)  # [B, T, Hkv, hd]
+            v = pad(self.wv(x)).view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd] each
@@ -427,7 +433,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=H != Hkv)  # [B, H, T, hd]
-        return wo(y.transpose(1, 2).reshape(B, T, H * hd))  # [B, T, D]
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H hd]
+        return wo(y if layout is None else layout.pack(y))  # [B, T, D] or [n, D]
 
 
 class FeedForward(nn.Module):
@@ -457,9 +464,32 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, is_causal: bool,
-                cache: Cache | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), freqs, mask, is_causal, cache)  # [B, T, D]
-        return x + self.feed_forward(self.ffn_norm(x))  # [B, T, D]
+                cache: Cache | None, layout: Packing | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs, mask, is_causal, cache, layout)  # [B, T, D] | [n, D]
+        return x + self.feed_forward(self.ffn_norm(x))  # [B, T, D] | [n, D]
+
+
+@dataclass
+class Packing:
+    """Where a batch's real tokens sit: `index` [n] into the flattened [B, T] positions, ascending."""
+
+    B: int
+    T: int
+    index: Tensor
+
+    @classmethod
+    def of(cls, real: Tensor) -> "Packing":
+        B, T = real.shape
+        return cls(B, T, real.reshape(-1).nonzero().squeeze(1))  # [n]
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, T, F] -> [n, F], the real positions."""
+        return x.reshape(self.B * self.T, -1).index_select(0, self.index)  # [n, F]
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """[n, F] -> [B, T, F], zeros on padding."""
+        out = x.new_zeros(self.B * self.T, x.shape[-1])  # [B T, F]
+        return out.index_copy(0, self.index, x).view(self.B, self.T, -1)  # [B, T, F]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +612,7 @@ class Transformer(nn.Module):
         return layer_fast, output
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,
-                cache: Cache | None = None, return_hidden: bool = False) -> Tensor:
+                cache: Cache | None = None, return_hidden: bool = False, packed: Tensor | None = None) -> Tensor:
         """Logits (or final normed hidden states) for `tokens`.
 
         Args:
@@ -595,6 +625,9 @@ class Transformer(nn.Module):
                 keys/values are handed to it at `cache.pos`, which then advances by T.
             return_hidden: return the final normed hidden states [B, T, D] instead of logits, so
                 callers can project only the rows or vocabulary chunks they need.
+            packed: [B, T] bool, the real tokens of this block (a subset of `key_mask`'s last T
+                columns): only they run through the embeddings, norms, projections and feed-forward
+                ([n, D]); padding positions come back as zeros (their states are never used).
 
         Returns:
             [B, T, V] logits, or [B, T, D] hidden states with `return_hidden`.
@@ -610,12 +643,15 @@ class Transformer(nn.Module):
         else:
             freqs = self.rope_freqs[positions].unsqueeze(2)  # [B, T, 1, hd/2]
         mask, is_causal = self._attention_mask(T, start, key_mask, tokens.device)
-        x = self.tok_embeddings(tokens)  # [B, T, D]
+        layout = Packing.of(packed) if packed is not None else None
+        x = self.tok_embeddings(tokens if layout is None else layout.pack(tokens.unsqueeze(-1)).squeeze(-1))  # [B, T, D] | [n, D]
         for layer in self.layers:
-            x = layer(x, freqs, mask, is_causal, cache)  # [B, T, D]
+            x = layer(x, freqs, mask, is_causal, cache, layout)  # [B, T, D] | [n, D]
         if cache is not None:
             cache.advance(T)
-        h = self.norm(x)  # [B, T, D]
+        h = self.norm(x)  # [B, T, D] | [n, D]
+        if layout is not None:
+            h = layout.unpack(h)  # [B, T, D]
         return h if return_hidden else self.logits(h)  # [B, T, D] or [B, T, V]
 
     @staticmethod

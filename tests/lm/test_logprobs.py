@@ -96,6 +96,7 @@ def test_shared_prefix_length_stops_at_the_first_difference_and_leaves_each_row_
 
 def test_a_shared_prefix_runs_once_with_the_same_values_and_gradients(make_model, monkeypatch):
     ids, attn, comp = _prefix_batch(B=4, Lp=10, T=16)
+    monkeypatch.setattr(logprobs, "PACK_MIN_PADDING", 2.0)  # padding runs as it is (tested below)
     seen, values, grads = [], [], []
     for share in (True, False):
         if not share:
@@ -123,3 +124,34 @@ def test_left_padded_or_short_prefix_batches_run_whole(make_model):
         sequence_hidden(model, ids, attn)
         sequence_hidden(model, *left)
     assert seen == [(4, 16), (4, 16)]
+
+
+def test_padding_is_skipped_with_the_same_values_and_gradients(make_model, monkeypatch):
+    """A batch with >= 10% padding runs only its real tokens through the embeddings, norms,
+    projections and feed-forward (`Transformer.forward(packed=...)`): the same log-probs and
+    gradients as the padded batch, right or left padded, with or without a shared prefix."""
+    ids, attn, comp = _prefix_batch(B=4, Lp=2, T=16)  # rows of 16, 15, 14, 13 real tokens: 9% padding
+    ids[3, 8:], attn[3, 8:], comp[3, 8:] = 0, False, False  # 16% padding
+    left = torch.flip(ids, [1]), torch.flip(attn, [1]), torch.flip(comp, [1])
+    shared = _prefix_batch(B=4, Lp=10, T=16)
+    for batch, n_real in (((ids, attn, comp), int(attn.sum())), (left, int(attn.sum())),
+                          (shared, 10 + int(shared[1][:, 10:].sum()))):
+        seen, values, grads = [], [], []
+        for pack in (True, False):
+            if not pack:
+                monkeypatch.setattr(logprobs, "PACK_MIN_PADDING", 2.0)  # never: padded
+            model = make_model().train()
+            hook = model.tok_embeddings.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+            lp = token_logprobs(model, *batch)
+            (lp.sum() / batch[2].sum()).backward()
+            hook.remove()
+            values.append(lp.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        monkeypatch.undo()
+        assert sum(seen[:len(seen) // 2]) == n_real and sum(seen[len(seen) // 2:]) > n_real
+        torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+        scored = batch[2].clone()
+        scored[:, 0] = False
+        scored[:, 1:] &= batch[1][:, :-1]  # a left-padded row's first real token has no context
+        assert (values[0][~scored] == 0).all() and (values[0][scored] < 0).all()
