@@ -129,7 +129,7 @@ class Config(BaseModel):
     greedy: bool = Field(True, description="also one greedy completion per problem (greedy_accuracy)")
     max_new_tokens: int = Field(128, ge=1)
     stop_at_answer: bool = True
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(256, ge=1, description="completions decoded at once (larger batches decode more tokens/s: 1.5x at 256 vs 64 on the tiny model)")
     language_min_words: int = Field(1, ge=1, description="words a think body needs to be judged for mixing")
     checkpoints: list[str] | None = Field(
         None, description="evaluate only these (e.g. ['base', 'student:tiny-student']); None = all found")

@@ -152,7 +152,7 @@ class GRPOConfig(BaseModel):
     eval_samples: int = Field(4, ge=1)  # k of pass@1 (mean correctness over k samples)
     eval_temperature: float = Field(0.6, ge=0.0)  # R1's pass@1 setting (T 0.6, top-p 0.95)
     eval_top_p: float = Field(0.95, gt=0.0, le=1.0)
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
     # resume
     checkpoint_every: int = Field(25, ge=1)
     log_every: int = Field(1, ge=1, description="steps between flushes of the live metrics.parquet")
