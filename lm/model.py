@@ -644,7 +644,7 @@ class Transformer(nn.Module):
             freqs = self.rope_freqs[positions].unsqueeze(2)  # [B, T, 1, hd/2]
         mask, is_causal = self._attention_mask(T, start, key_mask, tokens.device)
         layout = Packing.of(packed) if packed is not None else None
-        x = self.tok_embeddings(tokens if layout is None else layout.pack(tokens.unsqueeze(-1)).squeeze(-1))  # [B, T, D] | [n, D]
+        x = self.tok_embeddings(tokens if layout is None else tokens.reshape(-1)[layout.index])  # [B, T, D] | [n, D]
         for layer in self.layers:
             x = layer(x, freqs, mask, is_causal, cache, layout)  # [B, T, D] | [n, D]
         if cache is not None:
