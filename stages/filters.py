@@ -81,26 +81,46 @@ def longest_repeat_run(codes: np.ndarray, max_period: int) -> tuple[int, int]:
     """The longest back-to-back repetition of a block of 1..max_period items.
 
     A block of period p repeated r times means codes[i] == codes[i+p] for (r-1)*p consecutive i.
-    Vectorised per period (numpy): the chain judges thousands of samples per stage.
+    Vectorised over every period at once for the texts a sampler writes (one [P, L] comparison
+    matrix: the chain judges thousands of samples per stage, and per-period numpy calls cost ~1 ms a
+    text); one period at a time for very long texts, which would make that matrix large.
 
     Args:
         codes: [L] integer codes of the items (words or characters).
         max_period: the longest block length considered.
 
     Returns:
-        (repeats, period) of the run that covers the most items (repeats * period), (1, 0) if none.
+        (repeats, period) of the run that covers the most items (repeats * period; the shortest
+        period on a tie), (1, 0) if none.
     """
-    best, best_cover = (1, 0), 0
-    for p in range(1, min(max_period, len(codes) - 1) + 1):
-        eq = codes[:-p] == codes[p:]  # [L-p]
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], eq.view(np.int8), [0]))))  # run starts/ends
-        if edges.size == 0:
-            continue
-        streak = int((edges[1::2] - edges[::2]).max())
-        repeats = streak // p + 1
-        if repeats >= 2 and repeats * p > best_cover:
-            best, best_cover = (repeats, p), repeats * p
-    return best
+    L = len(codes)
+    n_periods = min(max_period, L - 1)
+    if n_periods < 1:
+        return 1, 0
+    if L > REPEAT_MATRIX_MAX_ITEMS:
+        streaks = np.array([_longest_true_run(codes[:-p] == codes[p:]) for p in range(1, n_periods + 1)])  # [P]
+    else:
+        periods = np.arange(1, n_periods + 1)[:, None]  # [P, 1]
+        ahead = np.arange(L - 1)[None, :] + periods  # [P, L-1] index of the item p ahead
+        eq = (codes[None, :L - 1] == codes[np.minimum(ahead, L - 1)]) & (ahead < L)  # [P, L-1]
+        run = np.cumsum(eq, axis=1, dtype=np.int32)  # [P, L-1]
+        run -= np.maximum.accumulate(np.where(eq, 0, run), axis=1)  # [P, L-1] length of the run ending here
+        streaks = run.max(axis=1)  # [P]
+    periods = np.arange(1, n_periods + 1)  # [P]
+    repeats = streaks // periods + 1  # [P]
+    cover = np.where(repeats >= 2, repeats * periods, 0)  # [P]
+    best = int(np.argmax(cover))  # the first (shortest) period of the largest cover
+    return (int(repeats[best]), int(periods[best])) if cover[best] > 0 else (1, 0)
+
+
+# Texts longer than this (items) are scanned one period at a time: the [P, L] matrix would be large.
+REPEAT_MATRIX_MAX_ITEMS = 8192
+
+
+def _longest_true_run(flags: np.ndarray) -> int:
+    """Length of the longest run of True in a 1-D bool array (0 if none)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.view(np.int8), [0]))))  # run starts/ends
+    return int((edges[1::2] - edges[::2]).max()) if edges.size else 0
 
 
 def _codes(items: Sequence[str]) -> np.ndarray:

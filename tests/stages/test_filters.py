@@ -42,6 +42,26 @@ def test_longest_repeat_run_finds_period_and_repeats() -> None:
     assert longest_repeat_run(np.array([5, 5, 5, 5, 5]), 1) == (5, 1)
 
 
+def test_longest_repeat_run_is_the_same_one_period_at_a_time(monkeypatch) -> None:
+    """The all-periods matrix (short texts) and the per-period scan (long ones) agree, planted
+    loops, ties between periods and texts shorter than the period included."""
+    from stages import filters
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(600):
+        codes = rng.integers(0, int(rng.integers(1, 5)), int(rng.integers(0, 120)))
+        if rng.random() < 0.5:  # plant a block repeated 2-7 times
+            block = rng.integers(0, 9, int(rng.integers(1, 12)))
+            at = int(rng.integers(0, len(codes) + 1))
+            codes = np.concatenate([codes[:at], np.tile(block, int(rng.integers(2, 8))), codes[at:]])
+        cases += [(codes, max_period) for max_period in (1, 4, 16, 32)]
+    matrix = [longest_repeat_run(c, m) for c, m in cases]
+    monkeypatch.setattr(filters, "REPEAT_MATRIX_MAX_ITEMS", 0)  # every text scanned per period
+    assert [longest_repeat_run(c, m) for c, m in cases] == matrix
+    assert sum(r >= 3 for r, _ in matrix) > 100  # loops were found, not only (1, 0)
+
+
 @pytest.mark.parametrize("text", [
     "so 1. so 1. so 1. so 1. so 1. so 1. so 1.",
     " <think> 7+3+1=11 carry 1: 12. 7+3+1=11 carry 1: 12. 7+3+1=11 carry 1: 12.",
