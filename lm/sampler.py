@@ -301,7 +301,9 @@ class TorchSampler:
                 if n_done == len(done):
                     break
                 if self.drop_finished and j + 1 < N and 4 * n_done >= len(done):
-                    self._store(results, prompts, orig, tokens[:, P:P + steps], out_lp, length, done, done)
+                    fin = done.nonzero().squeeze(1)  # [b - b']
+                    self._store(results, prompts, orig[fin], tokens[fin, P:P + steps], out_lp[fin, :steps],
+                                length[fin], done[fin])
                     keep = (~done).nonzero().squeeze(1)  # [b'] ascending
                     tokens, key_mask, positions = tokens[keep], key_mask[keep], positions[keep]
                     orig, out_lp, length, done = orig[keep], out_lp[keep], length[keep], done[keep]
@@ -311,7 +313,7 @@ class TorchSampler:
                         stop_text.keep_rows(keep.tolist())
             if j + 1 < N:
                 logits = self._next_logits(tokens, key_mask, positions, padded, cache, P + j, P + j + 1)
-        self._store(results, prompts, orig, tokens[:, P:P + steps], out_lp, length, done, None)
+        self._store(results, prompts, orig, tokens[:, P:P + steps], out_lp[:, :steps], length, done)
         return [results[row] for row in range(B)]
 
     def _prefill(self, prompts: list[list[int]], tokens: Tensor, key_mask: Tensor, positions: Tensor, padded: bool,
@@ -353,15 +355,12 @@ class TorchSampler:
 
     @staticmethod
     def _store(results: dict[int, Generation], prompts: list[list[int]], orig: Tensor, new: Tensor, lp: Tensor,
-               length: Tensor, done: Tensor, which: Tensor | None) -> None:
-        """Record the `Generation` of each working row in `which` ([b] bool; None = every row):
-        its first `length` tokens of `new` ([b, steps]) and their log-probs (`lp` [b, >= steps])."""
-        rows = range(len(orig)) if which is None else which.nonzero().squeeze(1).tolist()
-        orig_l, new_l, lp_l, len_l, done_l = orig.tolist(), new.tolist(), lp.tolist(), length.tolist(), done.tolist()
-        for row in rows:
-            n = min(len_l[row], len(new_l[row]))
-            results[orig_l[row]] = Generation(prompt_ids=list(prompts[orig_l[row]]), token_ids=new_l[row][:n],
-                                              logprobs=lp_l[row][:n], finish_reason="stop" if done_l[row] else "length")
+               length: Tensor, done: Tensor) -> None:
+        """Record the `Generation` of each given row under its prompt's index `orig` ([r]): its first
+        `length` tokens of `new` ([r, steps]) and their log-probs (`lp` [r, steps])."""
+        for i, n, toks, lps, stopped in zip(orig.tolist(), length.tolist(), new.tolist(), lp.tolist(), done.tolist()):
+            results[i] = Generation(prompt_ids=list(prompts[i]), token_ids=toks[:n], logprobs=lps[:n],
+                                    finish_reason="stop" if stopped else "length")
 
     def _get_cache(self, batch: int, max_len: int, device: torch.device) -> KVCache:
         """Reuse the last cache when the batch fits in it; allocate otherwise."""

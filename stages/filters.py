@@ -97,16 +97,15 @@ def longest_repeat_run(codes: np.ndarray, max_period: int) -> tuple[int, int]:
     n_periods = min(max_period, L - 1)
     if n_periods < 1:
         return 1, 0
+    periods = np.arange(1, n_periods + 1)  # [P]
     if L > REPEAT_MATRIX_MAX_ITEMS:
-        streaks = np.array([_longest_true_run(codes[:-p] == codes[p:]) for p in range(1, n_periods + 1)])  # [P]
+        streaks = np.array([_longest_true_run(codes[:-p] == codes[p:]) for p in periods])  # [P]
     else:
-        periods = np.arange(1, n_periods + 1)[:, None]  # [P, 1]
-        ahead = np.arange(L - 1)[None, :] + periods  # [P, L-1] index of the item p ahead
+        ahead = np.arange(L - 1)[None, :] + periods[:, None]  # [P, L-1] index of the item p ahead
         eq = (codes[None, :L - 1] == codes[np.minimum(ahead, L - 1)]) & (ahead < L)  # [P, L-1]
         run = np.cumsum(eq, axis=1, dtype=np.int32)  # [P, L-1]
         run -= np.maximum.accumulate(np.where(eq, 0, run), axis=1)  # [P, L-1] length of the run ending here
         streaks = run.max(axis=1)  # [P]
-    periods = np.arange(1, n_periods + 1)  # [P]
     repeats = streaks // periods + 1  # [P]
     cover = np.where(repeats >= 2, repeats * periods, 0)  # [P]
     best = int(np.argmax(cover))  # the first (shortest) period of the largest cover
