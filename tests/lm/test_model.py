@@ -255,3 +255,55 @@ def test_fused_inference_snapshot_is_dropped_after_weight_updates(make_model):
             after = model(tokens)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_with_gradients(bias):
+    """`lm.model.linear` (oneDNN on CPU fp32) gives F.linear's values and the same input, weight and
+    bias gradients, for 3-D and non-contiguous inputs; a frozen weight gets no gradient."""
+    from lm.model import _OneDNNLinear, linear
+
+    if not model_module._onednn_works():
+        pytest.skip("oneDNN is not available in this torch build")
+    torch.manual_seed(0)
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24, requires_grad=True) if bias else None
+    for x in (torch.randn(3, 7, 16), torch.randn(16, 21).t()):  # 3-D; a transposed (non-contiguous) [21, 16]
+        x.requires_grad_(True)
+        grad_out = torch.randn(*x.shape[:-1], 24)
+        results = []
+        for fn in (linear, F.linear):
+            y = fn(x, w, b)
+            params = [x, w] + ([b] if bias else [])
+            results.append((y, torch.autograd.grad(y, params, grad_out)))
+        (y1, g1), (y2, g2) = results
+        torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+        for a, c in zip(g1, g2):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    y = linear(torch.randn(2, 16), w.detach(), None)
+    assert y.grad_fn is None
+    frozen = w.detach()
+    x = torch.randn(4, 16, requires_grad=True)
+    out = linear(x, frozen)
+    assert isinstance(out.grad_fn, _OneDNNLinear._backward_cls)  # the oneDNN path was taken
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, frozen.sum(dim=0).expand(4, 16))
+
+
+def test_training_step_is_the_same_through_onednn_and_f_linear(make_model, monkeypatch):
+    """A whole model's loss and gradients with `LINEAR_ONEDNN` on and off agree to fp32 rounding."""
+    if not model_module._onednn_works():
+        pytest.skip("oneDNN is not available in this torch build")
+    tokens = torch.randint(0, 96, (4, 12))
+    grads = []
+    for on in (True, False):
+        monkeypatch.setattr(model_module, "LINEAR_ONEDNN", on)
+        model = make_model(qkv_bias=True, tie_embeddings=True)
+        loss = F.cross_entropy(model(tokens)[:, :-1].reshape(-1, 96), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
