@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lm.model import Transformer, linear
+from lm.model import Transformer
 
 __all__ = ["token_logprobs", "sequence_hidden", "shared_prefix_length", "packing", "padding_layout", "completion_logprobs",
            "PrefixBatch", "PromptKV", "SharedPrefixKV"]
@@ -88,7 +89,7 @@ def target_logprobs(model: Transformer, rows: Tensor, targets: Tensor, *, temper
 
 def _chunk_logprobs(h: Tensor, targets: Tensor, weight: Tensor, temperature: float) -> Tensor:
     """log_softmax(h W^T / temperature)[target] for n rows: h [n, D], targets [n] -> [n]."""
-    logits = linear(h, weight).float()  # [n, V]
+    logits = F.linear(h, weight).float()  # [n, V]
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # [n]

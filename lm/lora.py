@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from lm.checkpoint import CheckpointError, read_safetensors
-from lm.model import Transformer, linear
+from lm.model import Transformer
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_parameters",
            "lora_state_dict", "save_adapters", "load_adapters", "peft_config"]
@@ -99,8 +99,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return linear(x, self.weight, self.bias)  # [..., out]
-        base = linear(x, self.weight)  # [..., out]
+            return F.linear(x, self.weight, self.bias)  # [..., out]
+        base = F.linear(x, self.weight)  # [..., out]
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # [..., out]
         if self.dora:
             norm = (self.weight + self.delta_weight()).norm(dim=1).detach()  # [out]

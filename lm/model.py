@@ -18,8 +18,7 @@ Departures from Meta's file, and why:
 - `Transformer.fused_inference()` snapshots the weights for the length of a generation: q/k/v and
   gate/up concatenated (fewer, larger matmuls per decoded token) and, on CPU, pre-packed for
   oneDNN (about 2x faster than MKL at decoding shapes). Training always uses the plain modules,
-  so the parameters, their names and LoRA wrapping are untouched; on CPU in fp32 their matmuls
-  (forward and input gradient) go through oneDNN too (`linear`: ~1.3x MKL at training shapes).
+  so the parameters, their names and LoRA wrapping are untouched.
 - `forward(..., packed=real)` skips padding: embeddings, norms, projections and the feed-forward
   run on the real tokens only ([n, D], the "unpadded" layout of FlashAttention's varlen path),
   and only attention sees the padded [B, T] layout. Trainers use it when padding is a large share
@@ -358,66 +357,6 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return y.view(B, H, T, hd)
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """x Wᵀ + b whose forward and input gradient run through oneDNN (`torch.ops.mkldnn`, on the
-    plain weight: nothing is packed, so an optimizer step needs no repacking); the weight gradient
-    (a reduction over the rows) stays with torch's mm, which is as fast there."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x = x.contiguous()
-        ctx.save_for_backward(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [..., out]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors  # [..., in], [out, in]
-        g = grad.reshape(-1, grad.shape[-1]).contiguous()  # [n, out]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:  # g W = g (Wᵀ)ᵀ: Wᵀ as the "weight" of a linear
-            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t().contiguous(), None, "none", [], "").view(x.shape)
-        if ctx.needs_input_grad[1]:
-            gw = g.t() @ x.reshape(-1, x.shape[-1])  # [out, in]
-        if ctx.needs_input_grad[2]:
-            gb = g.sum(dim=0)  # [out]
-        return gx, gw, gb
-
-
-LINEAR_ONEDNN = True  # module-wide switch (tests compare both paths)
-_ONEDNN_WORKS: bool | None = None  # probed once
-
-
-def _onednn_works() -> bool:
-    global _ONEDNN_WORKS
-    if _ONEDNN_WORKS is None:
-        try:
-            _ONEDNN_WORKS = bool(torch.backends.mkldnn.is_available()) and torch.ops.mkldnn._linear_pointwise(
-                torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "").shape == (2, 4)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _ONEDNN_WORKS = False
-    return _ONEDNN_WORKS
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, computed by oneDNN on CPU in fp32: at training shapes (5120 rows, d 256, 2 AVX2
-    cores) its forward and input-gradient matmuls ran ~1.3x faster than MKL's sgemm, and a tiny
-    training step 11-14% faster, with the same fp32 accuracy (summation order only). Anywhere else
-    (GPU, bf16, autocast, tensor subclasses such as DTensor) it is `F.linear`."""
-    if (LINEAR_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
-            and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
-            and not torch.is_autocast_enabled("cpu") and _onednn_works()):
-        return _OneDNNLinear.apply(x, weight, bias)  # [..., out]
-    return F.linear(x, weight, bias)  # [..., out]
-
-
-def project(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x), with a plain `nn.Linear` computed by `linear` (adapters such as LoRA run as they are)."""
-    if type(module) is nn.Linear:
-        return linear(x, module.weight, module.bias)
-    return module(x)
-
-
 class InferenceLinear:
     """y = x W^T + b for generation, W the concatenation of one or more `nn.Linear` weights.
 
@@ -476,15 +415,16 @@ class Attention(nn.Module):
         """x: [B, T, D], or [n, D] real tokens only with `layout` (then returns [n, D])."""
         B, T = (layout.B, layout.T) if layout is not None else x.shape[:2]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        wo = self.wo if self.fast is None else self.fast[1]
         pad = layout.unpack if layout is not None else (lambda t: t)  # [n, F] -> [B, T, F]
         if self.fast is not None:  # one matmul, and one rotation for q and k together
             qkv = pad(self.fast[0](x)).view(B, T, H + 2 * Hkv, hd)  # [B, T, H + 2 Hkv, hd]
             qk = apply_rope(qkv[:, :, :H + Hkv], freqs)  # [B, T, H + Hkv, hd]
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]  # [B, T, H|Hkv|Hkv, hd]
         else:
-            q = apply_rope(pad(project(self.wq, x)).view(B, T, H, hd), freqs)  # [B, T, H, hd]
-            k = apply_rope(pad(project(self.wk, x)).view(B, T, Hkv, hd), freqs)  # [B, T, Hkv, hd]
-            v = pad(project(self.wv, x)).view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+            q = apply_rope(pad(self.wq(x)).view(B, T, H, hd), freqs)  # [B, T, H, hd]
+            k = apply_rope(pad(self.wk(x)).view(B, T, Hkv, hd), freqs)  # [B, T, Hkv, hd]
+            v = pad(self.wv(x)).view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd] each
@@ -494,8 +434,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=H != Hkv)  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H hd]
-        y = y if layout is None else layout.pack(y)  # [B, T, H hd] | [n, H hd]
-        return project(self.wo, y) if self.fast is None else self.fast[1](y)  # [B, T, D] | [n, D]
+        return wo(y if layout is None else layout.pack(y))  # [B, T, D] or [n, D]
 
 
 class FeedForward(nn.Module):
@@ -513,7 +452,7 @@ class FeedForward(nn.Module):
         if self.fast is not None:
             gate, up = self.fast[0](x).chunk(2, dim=-1)  # [B, T, F] each
             return self.fast[1](F.silu(gate) * up)  # [B, T, D]
-        return project(self.w2, F.silu(project(self.w1, x)) * project(self.w3, x))  # [B, T, D]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # [B, T, D]
 
 
 class TransformerBlock(nn.Module):
@@ -598,7 +537,7 @@ class Transformer(nn.Module):
         """Project normed hidden states [..., D] to logits [..., V]."""
         if self.fast_output is not None:
             return self.fast_output(h)  # [..., V]
-        return linear(h, self.output_weight)  # [..., V]
+        return F.linear(h, self.output_weight)  # [..., V]
 
     @contextmanager
     def fused_inference(self, batch_size: int = 1, *, keep: bool = False) -> Iterator[None]:
