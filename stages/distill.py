@@ -122,8 +122,8 @@ class StudentSpec(BaseModel):
 
 
 class Config(BaseModel):
-    """Knobs of the distill stage; defaults train the tiny preset's student (and its baseline) in
-    about two CPU minutes."""
+    """Knobs of the distill stage; defaults train the tiny preset's student (and its baseline): 300
+    shared corpus steps, then 600 steps each: 4.5-6 minutes on 2 CPU cores in fp32 (279-342 s measured)."""
 
     model_config = ConfigDict(extra="forbid")
 
