@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm.model import MODEL_PRESETS, Transformer  # noqa: E402
+from sampler import to_hf_llama  # noqa: E402  (bench/sampler.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,36 +71,30 @@ def main() -> None:
     V = model.config.vocab_size
     tokens = torch.randint(0, V, (args.batch, args.seq))
 
-    def ours() -> float:
-        model.zero_grad(set_to_none=True)
-        logits = model(tokens[:, :-1])  # [B, T-1, V]
-        loss = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
-        loss.backward()
-        return loss.item()
+    def step_of(net: torch.nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], float]:
+        def step() -> float:
+            net.zero_grad(set_to_none=True)
+            logits = logits_of(tokens[:, :-1])  # [B, T-1, V]
+            loss = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+            loss.backward()
+            return loss.item()
+        return step
 
-    runners: dict[str, Callable[[], float]] = {"ours": ours}
+    runners: dict[str, Callable[[], float]] = {"ours": step_of(model, model)}
     result: dict = {"preset": args.model or args.preset, "params": model.num_params(), "batch": args.batch,
                     "seq": args.seq, "threads": args.threads, "torch_version": torch.__version__}
     if not args.skip_transformers:
         try:
-            from sampler import to_hf_llama  # bench/sampler.py
+            hf = to_hf_llama(model).train()  # imports transformers
         except ImportError:
             print("transformers is not importable: skipping it", flush=True)
         else:
-            hf = to_hf_llama(model).train()
             with torch.no_grad():
                 diff = (hf(tokens).logits - model(tokens)).abs().max().item()
             if diff > 1e-3:
                 raise RuntimeError(f"transformers model differs from ours (max |logit diff| {diff})")
             result["transformers_max_logit_diff"] = diff
-
-            def hf_step() -> float:
-                hf.zero_grad(set_to_none=True)
-                logits = hf(tokens[:, :-1]).logits  # [B, T-1, V]
-                loss = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
-                loss.backward()
-                return loss.item()
-            runners["transformers"] = hf_step
+            runners["transformers"] = step_of(hf, lambda t: hf(t).logits)
 
     result["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
     best = {name: math.inf for name in runners}
