@@ -77,6 +77,10 @@ def has_overlong_paragraph(text: str, max_chars: int) -> bool:
     return longest_paragraph(text) > max_chars
 
 
+# Texts longer than this (items) are scanned one period at a time: the [P, L] matrix would be large.
+REPEAT_MATRIX_MAX_ITEMS = 8192
+
+
 def longest_repeat_run(codes: np.ndarray, max_period: int) -> tuple[int, int]:
     """The longest back-to-back repetition of a block of 1..max_period items.
 
@@ -110,10 +114,6 @@ def longest_repeat_run(codes: np.ndarray, max_period: int) -> tuple[int, int]:
     cover = np.where(repeats >= 2, repeats * periods, 0)  # [P]
     best = int(np.argmax(cover))  # the first (shortest) period of the largest cover
     return (int(repeats[best]), int(periods[best])) if cover[best] > 0 else (1, 0)
-
-
-# Texts longer than this (items) are scanned one period at a time: the [P, L] matrix would be large.
-REPEAT_MATRIX_MAX_ITEMS = 8192
 
 
 def _longest_true_run(flags: np.ndarray) -> int:
